@@ -1,0 +1,140 @@
+"""Loading LLVC weights: upstream checkpoints, bare state dicts, or the seeded default model.
+
+Upstream publishes ``G_500000.pth`` as ``{"model": state_dict, ...}``; a bare state dict is
+accepted too. Files are read with ``torch.load(weights_only=True)`` so nothing in them is
+executed. Every refusal is one :class:`CheckpointError` line: the file, then what is wrong.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, load_config
+from .llvc import LLVC
+
+#: Seed of the untrained default model's weights (the same model every time).
+DEFAULT_SEED = 0
+#: The default model's output conv weights are scaled by this so its tanh is not saturated.
+DEFAULT_OUT_SCALE = 0.05
+UNTRAINED_WARNING = ("WARNING: no checkpoint given, using the UNTRAINED default model (seeded random "
+                     "weights): the output is not a converted voice. Pass -p G_500000.pth for a real "
+                     "model (see README, 'Models').")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the configured model (one line)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where a loaded model came from; ``model_id`` names it on the wire and in reports."""
+
+    model_id: str
+    checkpoint: Path | None
+    config: Path | None
+    trained: bool
+
+    def describe(self) -> str:
+        """A short human description for logs."""
+        if self.checkpoint is None:
+            return f"{self.model_id} (untrained default, seed {DEFAULT_SEED})"
+        return f"{self.model_id} ({self.checkpoint})"
+
+
+def _fmt_keys(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``: ``{"model": sd}`` or a bare ``sd`` of tensors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt/foreign files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({reason[:200]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: expected {{'model': state_dict}} or a state dict, "
+                              f"got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: expected {{'model': state_dict}} or a state dict; "
+                              f"entries that are not tensors: {_fmt_keys([str(k) for k in bad])}")
+    return obj
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Raise unless ``sd`` matches ``model`` key for key and shape for shape, all finite."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_fmt_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_fmt_keys(unexpected)}")
+    for k, v in expected.items():
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape):
+            problems.append(f"shape mismatch for {k}: checkpoint {tuple(sd[k].shape)}, "
+                            f"model {tuple(v.shape)}")
+            break
+    if problems:
+        raise CheckpointError(f"{source}: does not fit the configured model: " + "; ".join(problems))
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            raise CheckpointError(f"{source}: {k} has dtype {v.dtype}, expected floating point")
+        if not torch.isfinite(v).all():
+            raise CheckpointError(f"{source}: {k} holds non-finite values")
+
+
+def default_model(cfg: ModelConfig) -> LLVC:
+    """The untrained default: the configured architecture with seeded weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DEFAULT_SEED)
+        model = LLVC(cfg)
+    with torch.no_grad():
+        model.out_conv[0].weight.mul_(DEFAULT_OUT_SCALE)
+    return model.eval()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(checkpoint: str | Path | None = None, config: str | Path | None = None,
+               warn=None) -> tuple[LLVC, ModelInfo]:
+    """Build the model from ``config`` (default ``config/llvc.json``) and load ``checkpoint``.
+
+    Without a checkpoint the untrained default is returned and :data:`UNTRAINED_WARNING` is
+    passed to ``warn`` (default: printed to stderr). Raises :class:`ConfigError` or
+    :class:`CheckpointError`.
+    """
+    cfg = load_config(config)
+    config_path = Path(config) if config is not None else None
+    if checkpoint is None:
+        (warn or (lambda msg: print(msg, file=sys.stderr)))(UNTRAINED_WARNING)
+        return default_model(cfg), ModelInfo(f"llvc-default-untrained-seed{DEFAULT_SEED}",
+                                             None, config_path, trained=False)
+    path = Path(checkpoint)
+    sd = read_state_dict(path)
+    model = LLVC(cfg)
+    check_state_dict(model, sd, str(path))
+    model.load_state_dict(sd, strict=True)
+    model_id = f"llvc-{path.stem}-{file_digest(path)[:12]}"
+    return model.eval(), ModelInfo(model_id, path, config_path, trained=True)

@@ -1,0 +1,193 @@
+"""Model configuration: upstream LLVC ``config.json`` format, validated.
+
+Upstream's config file carries training settings too (``optim``, ``aux_mel``, ...); only
+``model_params`` and ``data.sr`` describe the network, so only those are read and checked here.
+Every problem is reported as one :class:`ConfigError` line naming the file and the key.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SAMPLE_RATE = 16000
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "llvc.json"
+
+
+class ConfigError(ValueError):
+    """A model config that cannot be used; ``str()`` is one line naming file and key."""
+
+
+@dataclass(frozen=True)
+class PrenetConfig:
+    """``model_params.convnet_config``: the cached causal convnet before ``in_conv``."""
+
+    convnet_prenet: bool = True
+    out_channels: tuple[int, ...] = (1,) * 12
+    kernel_sizes: tuple[int, ...] = (3,) * 12
+    dilations: tuple[int, ...] = (1,) * 12
+    dropout: float = 0.5
+    combine_residuals: str | None = None
+    skip_connection: str | None = "add"
+    use_residual_blocks: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``model_params`` of an upstream config, with upstream's constructor defaults."""
+
+    label_len: int = 1
+    L: int = 16
+    enc_dim: int = 512
+    num_enc_layers: int = 8
+    dec_dim: int = 256
+    num_dec_layers: int = 1
+    dec_buf_len: int = 13
+    dec_chunk_size: int = 13
+    out_buf_len: int = 4
+    use_pos_enc: bool = True
+    skip_connection: bool = True
+    proj: bool = True
+    lookahead: bool = True
+    decoder_dropout: float = 0.0
+    convnet_config: PrenetConfig = field(default_factory=PrenetConfig)
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def window_samples(self) -> int:
+        """Samples in one decoder window (``dec_chunk_size * L``): the smallest chunk."""
+        return self.dec_chunk_size * self.L
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The config in upstream's layout (``model_params`` and ``data.sr``)."""
+        params = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sample_rate"}
+        params["convnet_config"] = {
+            f.name: (list(v) if isinstance(v := getattr(self.convnet_config, f.name), tuple) else v)
+            for f in fields(PrenetConfig)
+        }
+        return {"data": {"sr": self.sample_rate}, "model_params": params}
+
+
+# Upstream's Net() also defaults these three when a config omits them; the fourth group is
+# read from the file but has no bearing on the network.
+_POSITIVE_INTS = ("L", "enc_dim", "num_enc_layers", "dec_dim", "num_dec_layers",
+                  "dec_buf_len", "dec_chunk_size", "label_len")
+_NON_NEGATIVE_INTS = ("out_buf_len",)
+_BOOLS = ("use_pos_enc", "skip_connection", "proj", "lookahead")
+_PRENET_COMBINE = (None, "add", "multiply")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _parse_prenet(raw: Any, where: str) -> PrenetConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be an object, got {type(raw).__name__}")
+    known = {f.name for f in fields(PrenetConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for key in ("convnet_prenet", "use_residual_blocks"):
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                raise ConfigError(f"{where}.{key}: must be true or false, got {raw[key]!r}")
+            values[key] = raw[key]
+    lengths = set()
+    for key in ("out_channels", "kernel_sizes", "dilations"):
+        if key in raw:
+            seq = raw[key]
+            if not isinstance(seq, list) or not seq or not all(_is_int(v) and v > 0 for v in seq):
+                raise ConfigError(f"{where}.{key}: must be a non-empty list of positive integers, got {seq!r}")
+            values[key] = tuple(seq)
+        lengths.add(len(values.get(key, getattr(PrenetConfig, key))))
+    if len(lengths) != 1:
+        raise ConfigError(f"{where}: out_channels, kernel_sizes and dilations must have the same length")
+    if "dropout" in raw:
+        if not _is_number(raw["dropout"]) or not 0 <= raw["dropout"] < 1:
+            raise ConfigError(f"{where}.dropout: must be a number in [0, 1), got {raw['dropout']!r}")
+        values["dropout"] = float(raw["dropout"])
+    for key in ("combine_residuals", "skip_connection"):
+        if key in raw:
+            if raw[key] not in _PRENET_COMBINE:
+                raise ConfigError(f"{where}.{key}: must be null, \"add\" or \"multiply\", got {raw[key]!r}")
+            values[key] = raw[key]
+    return PrenetConfig(**values)
+
+
+def parse_config(raw: Any, source: str = "<config>") -> ModelConfig:
+    """Validate an upstream-format config dict and return a :class:`ModelConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a JSON object")
+    params = raw.get("model_params")
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: missing \"model_params\" object")
+    where = f"{source}: model_params"
+    known = {f.name for f in fields(ModelConfig)} - {"sample_rate"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for key in _POSITIVE_INTS:
+        if key in params:
+            if not _is_int(params[key]) or params[key] <= 0:
+                raise ConfigError(f"{where}.{key}: must be a positive integer, got {params[key]!r}")
+            values[key] = params[key]
+    for key in _NON_NEGATIVE_INTS:
+        if key in params:
+            if not _is_int(params[key]) or params[key] < 0:
+                raise ConfigError(f"{where}.{key}: must be a non-negative integer, got {params[key]!r}")
+            values[key] = params[key]
+    for key in _BOOLS:
+        if key in params:
+            if not isinstance(params[key], bool):
+                raise ConfigError(f"{where}.{key}: must be true or false, got {params[key]!r}")
+            values[key] = params[key]
+    if "decoder_dropout" in params:
+        v = params["decoder_dropout"]
+        if not _is_number(v) or not 0 <= v < 1:
+            raise ConfigError(f"{where}.decoder_dropout: must be a number in [0, 1), got {v!r}")
+        values["decoder_dropout"] = float(v)
+    if "convnet_config" in params:
+        values["convnet_config"] = _parse_prenet(params["convnet_config"], f"{where}.convnet_config")
+    else:
+        # Upstream's Net() indexes convnet_config unconditionally: a config without it never worked.
+        raise ConfigError(f"{where}: missing key 'convnet_config'")
+    dec_dim = values.get("dec_dim", ModelConfig.dec_dim)
+    if dec_dim % 8:
+        raise ConfigError(f"{where}.dec_dim: must be divisible by the decoder's 8 attention heads, got {dec_dim}")
+    if dec_dim % 2:
+        raise ConfigError(f"{where}.dec_dim: must be even (sinusoidal positional encoding), got {dec_dim}")
+    if values.get("proj", True) and values.get("enc_dim", ModelConfig.enc_dim) % dec_dim:
+        raise ConfigError(f"{where}.enc_dim: must be a multiple of dec_dim for the grouped projections")
+    if values.get("dec_buf_len", 13) + values.get("dec_chunk_size", 13) > 200 and values.get("use_pos_enc", True):
+        raise ConfigError(f"{where}: dec_buf_len + dec_chunk_size must be at most 200 (positional encoding table)")
+    data = raw.get("data", {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: \"data\" must be an object")
+    sr = data.get("sr", SAMPLE_RATE)
+    if sr != SAMPLE_RATE:
+        raise ConfigError(f"{source}: data.sr: LLVC runs at {SAMPLE_RATE} Hz only, got {sr!r}")
+    return ModelConfig(**values)
+
+
+def load_config(path: str | Path | None = None) -> ModelConfig:
+    """Read and validate a config file (default: ``config/llvc.json``)."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return parse_config(raw, str(path))

@@ -1,0 +1,149 @@
+"""``llvc convert``: convert audio files offline or through the exact streaming engine.
+
+Flags mirror upstream ``infer.py``. Each output is ``OUT_DIR/<stem>.wav`` (sub-folders of an
+input folder are mirrored), 32-bit float WAV, 16 kHz mono, as long as the input after
+resampling and aligned with it. Files are written under a temporary name and renamed, so a
+failure never leaves a partial output. One bad file in a folder is reported and skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.audio import AudioError, ensure_output_dir, find_audio_files, read_audio, write_wav_atomic
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register ``llvc convert``'s flags on ``p``."""
+    p.add_argument("-p", "--checkpoint", help="LLVC checkpoint (G_500000.pth or a bare state dict); "
+                   "default: the untrained seeded model")
+    p.add_argument("-c", "--config", help="model config JSON in upstream format (default config/llvc.json)")
+    p.add_argument("-f", "--input", "--fname", dest="input", required=True,
+                   help="audio file, or folder searched recursively")
+    p.add_argument("-o", "--out-dir", default="converted_out", help="output folder (default converted_out)")
+    p.add_argument("-s", "--stream", action="store_true", help="convert chunk by chunk with the streaming engine")
+    p.add_argument("-n", "--chunk-factor", type=int, default=1,
+                   help="chunk = 13*16*N samples in --stream mode (default 1: 13 ms)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or auto, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available to torch")
+    return name
+
+
+class _Progress:
+    """A one-line progress bar on stderr for folders (silent when stderr is not a terminal)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.tty = total, 0, sys.stderr.isatty()
+
+    def step(self, name: str) -> None:
+        self.done += 1
+        if self.tty:
+            width = 30
+            fill = width * self.done // self.total
+            sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {name[:40]:<40}")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _plan(src: Path, out_dir: Path) -> list[tuple[Path, Path]]:
+    """(input, output) pairs; raises AudioError when there is nothing to convert."""
+    if src.is_dir():
+        files = find_audio_files(src)
+        if not files:
+            raise AudioError(f"{src}: no audio files found (looked for .wav, .flac, .ogg, .mp3, ...)")
+        return [(f, out_dir / f.relative_to(src).parent / f"{f.stem}.wav") for f in files]
+    if not src.exists():
+        raise AudioError(f"{src}: no such file or folder")
+    return [(src, out_dir / f"{src.stem}.wav")]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``llvc convert``; returns the exit status."""
+    from models.checkpoint import CheckpointError, load_model
+    from models.config import ConfigError
+    from models.streaming import StreamingEngine
+
+    def fail(msg: str) -> None:
+        print(f"llvc convert: error: {msg}", file=sys.stderr)
+
+    if args.chunk_factor < 1:
+        fail(f"--chunk-factor must be an integer >= 1, got {args.chunk_factor}")
+        return 2
+    if args.threads is not None and args.threads < 1:
+        fail(f"--threads must be >= 1, got {args.threads}")
+        return 2
+    try:
+        device = _resolve_device(args.device)
+        jobs = _plan(Path(args.input), Path(args.out_dir))
+        model, info = load_model(args.checkpoint, args.config)
+        out_root = ensure_output_dir(args.out_dir)
+    except (ValueError, AudioError) as exc:  # ConfigError/CheckpointError are ValueErrors
+        fail(str(exc))
+        return 2
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = model.to(device).eval()
+    engine = StreamingEngine(model, args.chunk_factor, device) if args.stream else None
+    min_samples = model.cfg.window_samples
+    print(f"model: {info.describe()}; mode: "
+          + (f"stream, chunk {engine.chunk_len} samples ({1000 * engine.chunk_s:g} ms)" if engine else "offline")
+          + f"; device {device}")
+
+    collisions: dict[Path, Path] = {}
+    times: list[float] = []
+    failed = 0
+    progress = _Progress(len(jobs)) if len(jobs) > 1 else None
+    for src, dst in jobs:
+        try:
+            if dst in collisions:
+                raise AudioError(f"{src}: output {dst} would overwrite the conversion of {collisions[dst]}")
+            collisions[dst] = src
+            x = read_audio(src, model.cfg.sample_rate, min_samples=min_samples)
+            if engine is not None:
+                y = engine.convert(x, on_chunk=times.append)
+            else:
+                with torch.inference_mode():
+                    y = model(torch.from_numpy(x).to(device).view(1, 1, -1)).view(-1).cpu().numpy()
+            if dst.parent != out_root:
+                ensure_output_dir(dst.parent)
+            write_wav_atomic(dst, y, model.cfg.sample_rate)
+        except AudioError as exc:
+            failed += 1
+            fail(str(exc))
+        if progress:
+            progress.step(src.name)
+
+    done = len(jobs) - failed
+    print(f"converted {done} of {len(jobs)} file(s) into {out_root}")
+    if engine is not None and times:
+        t = np.asarray(times)
+        avg = float(t.mean())
+        # Upstream infer.py's definitions: RTF = chunk duration / mean processing time,
+        # e2e latency = (2L + chunk) / sr + mean processing time.
+        print(f"RTF: {engine.chunk_s / avg:.3f}")
+        print(f"End-to-end latency: {1000 * (engine.algorithmic_latency_s + avg):.3f}ms "
+              f"(upstream's definition; every sample in fact waits chunk + L = "
+              f"{1000 * engine.latency_s:g} ms + processing = {1000 * (engine.latency_s + avg):.3f}ms)")
+        print(f"per-chunk processing: p50 {1000 * np.percentile(t, 50):.3f} ms, "
+              f"p95 {1000 * np.percentile(t, 95):.3f} ms over {len(t)} chunks")
+    if not info.trained:
+        print("NOTE: converted with the UNTRAINED default model (no -p given)", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,1 @@
+"""Pipeline services (capture, inference, playback, monitor)."""
