@@ -4,7 +4,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/llvc convert -f tests/data/2412-153947-0000.wav -o out/demo
+	.venv/bin/llvc convert -f tests/data/174-50561-0000.wav -o out/demo
 	@echo "demo output written to out/demo/"
 
 test: setup
