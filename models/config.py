@@ -109,6 +109,8 @@ def _parse_prenet(raw: Any, where: str) -> PrenetConfig:
         lengths.add(len(values.get(key, getattr(PrenetConfig, key))))
     if len(lengths) != 1:
         raise ConfigError(f"{where}: out_channels, kernel_sizes and dilations must have the same length")
+    if values.get("out_channels", (1,))[-1] != 1:
+        raise ConfigError(f"{where}.out_channels: the last entry must be 1 (in_conv reads one channel)")
     if "dropout" in raw:
         if not _is_number(raw["dropout"]) or not 0 <= raw["dropout"] < 1:
             raise ConfigError(f"{where}.dropout: must be a number in [0, 1), got {raw['dropout']!r}")

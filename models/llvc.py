@@ -345,7 +345,7 @@ class LLVC(nn.Module):
         mask = self.mask_gen(frames, label, state["enc"], state["dec"])
         masked = torch.cat((state["out"], frames * mask), dim=-1)
         if self.out_buf_len:
-            state["out"] = masked[..., -self.out_buf_len:]
+            state["out"].copy_(masked[..., -self.out_buf_len:])
         return self.out_conv(masked)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,54 @@
+"""Shared fixtures: the upstream reference checkpoints, their inputs and offline outputs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+DATA = Path(__file__).parent / "data"
+REF = DATA / "llvc-reference"
+#: name -> config file of the upstream reference fixtures (see tests/data/llvc-reference/README.md)
+REF_CONFIGS = {"ref_default": "config.json", "ref_nc": "config_nc.json"}
+
+
+class Reference:
+    """One upstream fixture: model loaded from its checkpoint, input signal, offline output."""
+
+    def __init__(self, name: str):
+        from models.checkpoint import load_model
+
+        self.name = name
+        self.checkpoint = REF / f"{name}.pth"
+        self.config = REF / REF_CONFIGS[name]
+        self.model, self.info = load_model(self.checkpoint, self.config)
+        self.input, sr = sf.read(REF / f"{name}_input.wav", dtype="float32")
+        assert sr == 16000
+        self.offline = np.load(REF / f"{name}_offline.npy").astype(np.float32)
+
+
+_cache: dict[str, Reference] = {}
+
+
+@pytest.fixture(scope="session", params=sorted(REF_CONFIGS))
+def reference(request) -> Reference:
+    """Each upstream fixture in turn (loaded once per session)."""
+    if request.param not in _cache:
+        _cache[request.param] = Reference(request.param)
+    return _cache[request.param]
+
+
+@pytest.fixture(scope="session")
+def ref_default() -> Reference:
+    """The default-config fixture (pre-net on)."""
+    if "ref_default" not in _cache:
+        _cache["ref_default"] = Reference("ref_default")
+    return _cache["ref_default"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    # Two cores here; pinning keeps timings and results reproducible across runs.
+    torch.set_num_threads(2)
