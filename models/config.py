@@ -69,8 +69,7 @@ class ModelConfig:
         return {"data": {"sr": self.sample_rate}, "model_params": params}
 
 
-# Upstream's Net() also defaults these three when a config omits them; the fourth group is
-# read from the file but has no bearing on the network.
+# Value checks by kind; a key a config omits takes upstream Net()'s default.
 _POSITIVE_INTS = ("L", "enc_dim", "num_enc_layers", "dec_dim", "num_dec_layers",
                   "dec_buf_len", "dec_chunk_size", "label_len")
 _NON_NEGATIVE_INTS = ("out_buf_len",)

@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--chunk-factor", type=int, default=1,
                    help="chunk = 13*16*N samples in --stream mode (default 1: 13 ms)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 with --stream, torch's choice offline)")
 
 
 def _resolve_device(name: str):
@@ -98,14 +99,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    # A streaming step is many small kernels: a second thread gains ~10% on an idle 2-core
+    # machine, but OpenMP workers competing with any other busy process made steps 40-100x
+    # slower (measured). One thread is the safe real-time default.
+    threads = args.threads if args.threads is not None else (1 if args.stream else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
     model = model.to(device).eval()
     engine = StreamingEngine(model, args.chunk_factor, device) if args.stream else None
     min_samples = model.cfg.window_samples
     print(f"model: {info.describe()}; mode: "
           + (f"stream, chunk {engine.chunk_len} samples ({1000 * engine.chunk_s:g} ms)" if engine else "offline")
-          + f"; device {device}")
+          + f"; device {device}, {torch.get_num_threads()} thread(s)")
 
     collisions: dict[Path, Path] = {}
     times: list[float] = []

@@ -168,3 +168,18 @@ def test_config_file_problems(tmp_path):
 def test_config_round_trips_through_upstream_layout():
     cfg = load_config()
     assert parse_config(cfg.to_json_dict()) == cfg
+
+
+def test_grouped_projections_equal_upstreams_grouped_conv(ref_default, monkeypatch):
+    from models.llvc import GroupedPointwise
+
+    x = torch.from_numpy(ref_default.input[:4000]).view(1, 1, -1)
+    with torch.inference_mode():
+        fast = ref_default.model(x)
+        for proj in ("proj_e2d_e", "proj_e2d_l", "proj_d2e"):
+            block = getattr(ref_default.model.mask_gen, proj)
+            h = torch.randn(2, block[0].in_channels, 13)
+            assert torch.allclose(block(h), block[1](block[0](h)), atol=1e-6), proj
+        monkeypatch.setattr(GroupedPointwise, "upstream_math", True)
+        slow = ref_default.model(x)
+    assert (fast - slow).abs().max() < 1e-6
