@@ -12,6 +12,8 @@ import sys
 COMMANDS = {
     "convert": ("models.convert", "convert audio files with LLVC (offline or streamed)"),
     "download": ("models.download", "fetch upstream's released checkpoint from the Hugging Face hub"),
+    "tap": ("common.tap", "print the pipeline's telemetry as JSON lines"),
+    "keys": ("common.security", "create CURVE key pairs for LAN links"),
 }
 
 

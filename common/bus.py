@@ -1,0 +1,301 @@
+"""The message bus: ZeroMQ sockets for audio (PUSH/PULL) and telemetry (PUB/SUB).
+
+Every socket is made here, from the pipeline config (:mod:`common.config`), so endpoints, roles
+and real-time options live in one place.
+
+Audio path (PUSH/PULL). Inference is the stable server: it binds ``audio_in`` (PULL) and
+``audio_out`` (PUSH); capture and playback connect. Options, and why:
+
+* small send/receive high-water marks: a stalled peer costs dropped chunks, never a growing
+  backlog of stale audio;
+* ``IMMEDIATE`` on connecting sockets: nothing queues for a peer that is not there (while
+  inference restarts, capture counts drops instead of building a backlog);
+* ``LINGER 0``: closing never waits for unsent audio;
+* ZMTP heartbeats: a dead TCP peer is noticed in seconds, not at the next TCP timeout;
+* ``MAXMSGSIZE`` from the protocol's maximum: libzmq drops a peer that sends anything larger
+  before it is ever allocated;
+* sends are non-blocking; a send that cannot go out now is a counted drop.
+
+Telemetry path (PUB/SUB). **Every service binds its own PUB** (``telemetry_<service>``) and
+subscribers (the monitor, dashboards, ``llvc tap``) connect to all of them. Chosen over an
+XSUB/XPUB forwarder because with a forwarder the forwarder's host is a single point whose
+restart silences every service's telemetry; here restarting any process, the monitor included,
+only interrupts that process's own messages, and ZeroMQ reconnects subscribers by itself. A PUB
+never blocks and drops for slow subscribers, so taps cannot affect audio.
+
+Security: with ``[security] curve = true`` every ``tcp://`` socket uses CURVE (see
+:mod:`common.security`): binders are servers that admit only authorized client keys.
+"""
+from __future__ import annotations
+
+import zmq
+
+from .config import Endpoint, PipelineConfig
+from .protocol import (SAMPLE_RATE, AudioChunk, ProtocolError, Telemetry, audio_header, decode_audio,
+                       decode_telemetry, encode, make_telemetry, max_message_bytes)
+from .security import CurveKeys, load_keys, make_client, make_server, start_authenticator
+
+
+class BusError(RuntimeError):
+    """A socket could not be bound or connected (one line: service, endpoint, address, why)."""
+
+
+class AudioSender:
+    """Non-blocking sender of audio chunks (PUSH). Never blocks; failures are counted drops."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.socket = sock
+        self.sent = 0
+        self.dropped = 0
+
+    def send(self, chunk: AudioChunk) -> bool:
+        """Encode and send now if possible; ``False`` (and a counted drop) if not."""
+        return self.send_bytes(encode(chunk))
+
+    def send_bytes(self, data: bytes) -> bool:
+        """Send an already encoded message now if possible (see :meth:`send`)."""
+        try:
+            self.socket.send(data, zmq.NOBLOCK, copy=True)
+        except zmq.Again:  # no peer, or its queue is full: drop, never wait
+            self.dropped += 1
+            return False
+        except zmq.ZMQError:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+
+class AudioReceiver:
+    """Receiver of audio chunks (PULL). Malformed input is rejected and counted, never raised."""
+
+    def __init__(self, sock: zmq.Socket, max_samples: int, expect_rate: int | None = SAMPLE_RATE):
+        self.socket = sock
+        self.max_samples = max_samples
+        self.expect_rate = expect_rate
+        self.received = 0
+        self.rejected = 0
+        self.last_reject: str | None = None
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+
+    def _decode(self, data: bytes) -> AudioChunk | None:
+        try:
+            chunk = decode_audio(data, max_samples=self.max_samples, expect_rate=self.expect_rate)
+        except ProtocolError as exc:
+            self.rejected += 1
+            self.last_reject = str(exc)
+            return None
+        self.received += 1
+        return chunk
+
+    def recv(self, timeout_ms: int = 0) -> AudioChunk | None:
+        """The next valid chunk, waiting up to ``timeout_ms``; ``None`` if none arrived.
+
+        A rejected message also returns ``None`` (see :attr:`rejected`, :attr:`last_reject`).
+        """
+        if timeout_ms and not self._poller.poll(timeout_ms):
+            return None
+        try:
+            data = self.socket.recv(zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            return None
+        return self._decode(data)
+
+    def drain(self, limit: int = 1000) -> list[AudioChunk]:
+        """Every valid chunk already waiting (up to ``limit``), without blocking."""
+        out = []
+        for _ in range(limit):
+            try:
+                data = self.socket.recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            chunk = self._decode(data)
+            if chunk is not None:
+                out.append(chunk)
+        return out
+
+
+class TelemetryPublisher:
+    """A service's telemetry PUB. Publishing never blocks and never raises."""
+
+    def __init__(self, sock: zmq.Socket, service: str):
+        self.socket = sock
+        self.service = service
+        self.published = 0
+        self.dropped = 0
+
+    def publish(self, type: str, data: dict | None = None) -> bool:
+        """Publish a message of ``type`` with ``data``; ``False`` if it could not go out."""
+        return self.publish_message(make_telemetry(self.service, type, data or {}))
+
+    def publish_message(self, msg: Telemetry) -> bool:
+        """Publish a ready-made :class:`Telemetry` under its topic."""
+        try:
+            self.socket.send_multipart([msg.topic.encode(), encode(msg)], zmq.NOBLOCK)
+        except (zmq.ZMQError, ProtocolError):
+            self.dropped += 1
+            return False
+        self.published += 1
+        return True
+
+    def heartbeat(self, **data) -> bool:
+        """``heartbeat.<service>``: the service is alive (with any status fields)."""
+        return self.publish("heartbeat", data)
+
+    def event(self, name: str, **fields) -> bool:
+        """``event.<service>``: something happened (stream reset, underrun, drop, reject, ...)."""
+        return self.publish("event", {"event": name, **fields})
+
+    def counters(self, **counts) -> bool:
+        """``counters.<service>``: cumulative counters."""
+        return self.publish("counters", counts)
+
+    def chunk_timing(self, **timing) -> bool:
+        """``chunk.<service>``: per-chunk timing."""
+        return self.publish("chunk", timing)
+
+    def audio_tap(self, chunk: AudioChunk) -> bool:
+        """``audio.<service>``: an audio chunk's header (no payload), for taps and dashboards."""
+        return self.publish("audio", audio_header(chunk))
+
+
+class TelemetrySubscriber:
+    """SUB connected to telemetry endpoints, filtered by topic prefixes."""
+
+    def __init__(self, sock: zmq.Socket, max_samples: int):
+        self.socket = sock
+        self.max_samples = max_samples
+        self.received = 0
+        self.rejected = 0
+        self.last_reject: str | None = None
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+
+    def recv(self, timeout_ms: int = 0) -> Telemetry | None:
+        """The next valid message within ``timeout_ms``, else ``None`` (rejects are counted)."""
+        if timeout_ms and not self._poller.poll(timeout_ms):
+            return None
+        try:
+            frames = self.socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        try:
+            if len(frames) != 2:
+                raise ProtocolError(f"telemetry: expected 2 frames (topic, message), got {len(frames)}")
+            msg = decode_telemetry(frames[1], max_samples=self.max_samples)
+            if frames[0] != msg.topic.encode():
+                raise ProtocolError(f"telemetry: topic frame {frames[0][:64]!r} does not match {msg.topic!r}")
+        except ProtocolError as exc:
+            self.rejected += 1
+            self.last_reject = str(exc)
+            return None
+        self.received += 1
+        return msg
+
+
+class Bus:
+    """The sockets of one service, made from the pipeline config.
+
+    ``service`` decides the role on each endpoint: the endpoint's ``binder`` binds, everyone
+    else connects. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, cfg: PipelineConfig, service: str, context: zmq.Context | None = None):
+        self.cfg = cfg
+        self.service = service
+        self.context = context or zmq.Context()
+        self._own_context = context is None
+        self._sockets: list[zmq.Socket] = []
+        self._auth = None
+        self._keys: CurveKeys | None = load_keys(cfg.security.keys_dir) if cfg.security.curve else None
+
+    # ------------------------------------------------------------------ sockets
+    def _socket(self, kind: int, endpoint: Endpoint, hwm_option: int, hwm: int,
+                connect_only: bool = False) -> zmq.Socket:
+        bus = self.cfg.bus
+        address, is_bind = (endpoint.connect, False) if connect_only else endpoint.address_for(self.service)
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, bus.linger_ms)
+        sock.setsockopt(hwm_option, hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(bus.max_samples))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, bus.heartbeat_ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, bus.heartbeat_timeout_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, bus.heartbeat_timeout_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL, bus.reconnect_ivl_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, bus.reconnect_ivl_max_ms)
+        if not is_bind:
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+        if self._keys is not None and endpoint.is_tcp:
+            if is_bind:
+                if self._auth is None:
+                    self._auth = start_authenticator(self.context, self._keys)
+                make_server(sock, self._keys)
+            else:
+                make_client(sock, self._keys)
+        try:
+            sock.bind(address) if is_bind else sock.connect(address)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            verb = "bind" if is_bind else "connect"
+            raise BusError(f"{self.service}: cannot {verb} {endpoint.name} at {address} ({exc})") from None
+        self._sockets.append(sock)
+        return sock
+
+    def audio_sender(self, endpoint: str) -> AudioSender:
+        """A PUSH socket on ``endpoint`` (e.g. capture → ``audio_in``)."""
+        ep = self.cfg.endpoint(endpoint)
+        return AudioSender(self._socket(zmq.PUSH, ep, zmq.SNDHWM, self.cfg.bus.send_hwm))
+
+    def audio_receiver(self, endpoint: str, expect_rate: int | None = SAMPLE_RATE) -> AudioReceiver:
+        """A PULL socket on ``endpoint`` (e.g. inference ← ``audio_in``)."""
+        ep = self.cfg.endpoint(endpoint)
+        sock = self._socket(zmq.PULL, ep, zmq.RCVHWM, self.cfg.bus.recv_hwm)
+        return AudioReceiver(sock, self.cfg.bus.max_samples, expect_rate)
+
+    def publisher(self) -> TelemetryPublisher:
+        """This service's telemetry PUB, bound at ``telemetry_<service>``."""
+        ep = self.cfg.endpoint(f"telemetry_{self.service}")
+        return TelemetryPublisher(self._socket(zmq.PUB, ep, zmq.SNDHWM, self.cfg.bus.telemetry_hwm),
+                                  self.service)
+
+    def subscriber(self, topics: tuple[str, ...] | list[str] = ("",),
+                   endpoints: list[str] | None = None) -> TelemetrySubscriber:
+        """A SUB connected to every telemetry endpoint (or ``endpoints``), filtered by ``topics``."""
+        eps = [self.cfg.endpoint(n) for n in endpoints] if endpoints else self.cfg.telemetry_endpoints()
+        if not eps:
+            raise BusError(f"{self.service}: no telemetry endpoints to subscribe to")
+        if self._keys is not None and len({ep.is_tcp for ep in eps}) > 1:
+            # CURVE is a property of the whole socket: it cannot talk to plaintext ipc peers too.
+            raise BusError(f"{self.service}: with curve on, telemetry endpoints must be all tcp:// "
+                           f"or all ipc:// ({', '.join(ep.name for ep in eps)})")
+        first, *rest = eps
+        # Subscribers always connect, even to their own service's PUB.
+        sock = self._socket(zmq.SUB, first, zmq.RCVHWM, self.cfg.bus.telemetry_hwm, connect_only=True)
+        for ep in rest:
+            try:
+                sock.connect(ep.connect)
+            except zmq.ZMQError as exc:
+                raise BusError(f"{self.service}: cannot connect {ep.name} at {ep.connect} ({exc})") from None
+        for topic in topics:
+            sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        return TelemetrySubscriber(sock, self.cfg.bus.max_samples)
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Close every socket (LINGER applies), stop the authenticator, end an own context."""
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_context:
+            self.context.term()
+
+    def __enter__(self) -> "Bus":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

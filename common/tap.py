@@ -1,0 +1,91 @@
+"""``llvc tap``: print the pipeline's telemetry as JSON lines.
+
+Connects a SUB to every service's telemetry PUB (see :mod:`common.bus`) and prints each decoded
+message as one JSON object per line. Attaching and detaching never affects the audio path.
+``--filter`` keeps topics with the given prefixes (``event.``, ``chunk.inference``, ...);
+``--audio`` adds the audio-chunk headers services publish under ``audio.<service>``.
+Ctrl-C (or SIGTERM) ends it cleanly with status 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+from .config import PipelineConfigError, add_config_arguments, config_from_args
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register ``llvc tap``'s flags on ``p``."""
+    add_config_arguments(p)
+    p.add_argument("--filter", action="append", default=[], metavar="PREFIX",
+                   help="only topics starting with PREFIX (repeatable), e.g. event. or chunk.inference")
+    p.add_argument("--audio", action="store_true", help="also print audio-chunk headers (topics audio.*)")
+    p.add_argument("--count", type=int, default=0, help="exit after this many messages (0: run until Ctrl-C)")
+    p.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (0: no limit)")
+
+
+def topics_for(filters: list[str], audio: bool) -> list[str]:
+    """SUB prefixes for the flags: explicit filters win; otherwise all but ``audio.``, which
+    only ``--audio`` adds (chunk headers are many and rarely wanted)."""
+    if filters:
+        return list(filters) + (["audio."] if audio and not any(f.startswith("audio") for f in filters) else [])
+    from .protocol import TELEMETRY_TYPES
+
+    return [f"{t}." for t in TELEMETRY_TYPES if t != "audio"] + (["audio."] if audio else [])
+
+
+def to_json(msg) -> str:
+    """One JSON line for a telemetry message."""
+    return json.dumps({"topic": msg.topic, "service": msg.service, "type": msg.type, "host": msg.host,
+                       "pid": msg.pid, "t_mono_ns": msg.t_mono_ns, "t_wall_ns": msg.t_wall_ns,
+                       "data": msg.data}, separators=(",", ":"), allow_nan=False, default=str)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``llvc tap``."""
+    from .bus import Bus, BusError
+    from .security import SecurityError
+
+    stop = False
+
+    def on_signal(signum, frame):  # only sets a flag: the loop below notices within 100 ms
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        cfg = config_from_args(args)
+        bus = Bus(cfg, "tap")
+        sub = bus.subscriber(topics_for(args.filter, args.audio))
+    except (PipelineConfigError, BusError, SecurityError) as exc:
+        print(f"llvc tap: error: {exc}", file=sys.stderr)
+        return 2
+    printed = 0
+    deadline = time.monotonic() + args.duration if args.duration > 0 else None
+    try:
+        while not stop:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            msg = sub.recv(timeout_ms=100)
+            if msg is None:
+                continue
+            try:
+                line = to_json(msg)
+            except ValueError:  # NaN/Inf in data: print it as a string rather than invalid JSON
+                line = json.dumps({"topic": msg.topic, "service": msg.service, "data": repr(msg.data)})
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            printed += 1
+            if args.count and printed >= args.count:
+                break
+    except BrokenPipeError:  # e.g. piped into `head`: not an error
+        pass
+    finally:
+        bus.close()
+    if sub.rejected:
+        print(f"llvc tap: rejected {sub.rejected} malformed message(s); last: {sub.last_reject}", file=sys.stderr)
+    return 0
