@@ -66,51 +66,67 @@ class AudioSender:
         return True
 
 
-class AudioReceiver:
-    """Receiver of audio chunks (PULL). Malformed input is rejected and counted, never raised."""
+class _Receiver:
+    """Counting, polling receive side shared by audio PULL and telemetry SUB sockets."""
 
-    def __init__(self, sock: zmq.Socket, max_samples: int, expect_rate: int | None = SAMPLE_RATE):
+    def __init__(self, sock: zmq.Socket, max_samples: int):
         self.socket = sock
         self.max_samples = max_samples
-        self.expect_rate = expect_rate
         self.received = 0
         self.rejected = 0
         self.last_reject: str | None = None
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
 
-    def _decode(self, data: bytes) -> AudioChunk | None:
+    def _frames(self, timeout_ms: int) -> list[bytes] | None:
+        """The next message's frames within ``timeout_ms`` (0: only if already there)."""
+        if timeout_ms and not self._poller.poll(timeout_ms):
+            return None
         try:
-            chunk = decode_audio(data, max_samples=self.max_samples, expect_rate=self.expect_rate)
+            return self.socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+
+    def _accept(self, decode, frames: list[bytes]):
+        """``decode(frames)``, counting a success, or a reject (``None``) on ProtocolError."""
+        try:
+            msg = decode(frames)
         except ProtocolError as exc:
             self.rejected += 1
             self.last_reject = str(exc)
             return None
         self.received += 1
-        return chunk
+        return msg
+
+
+class AudioReceiver(_Receiver):
+    """Receiver of audio chunks (PULL). Malformed input is rejected and counted, never raised."""
+
+    def __init__(self, sock: zmq.Socket, max_samples: int, expect_rate: int | None = SAMPLE_RATE):
+        super().__init__(sock, max_samples)
+        self.expect_rate = expect_rate
+
+    def _decode(self, frames: list[bytes]) -> AudioChunk:
+        if len(frames) != 1:
+            raise ProtocolError(f"audio: expected 1 frame, got {len(frames)}")
+        return decode_audio(frames[0], max_samples=self.max_samples, expect_rate=self.expect_rate)
 
     def recv(self, timeout_ms: int = 0) -> AudioChunk | None:
         """The next valid chunk, waiting up to ``timeout_ms``; ``None`` if none arrived.
 
         A rejected message also returns ``None`` (see :attr:`rejected`, :attr:`last_reject`).
         """
-        if timeout_ms and not self._poller.poll(timeout_ms):
-            return None
-        try:
-            data = self.socket.recv(zmq.NOBLOCK, copy=True)
-        except zmq.Again:
-            return None
-        return self._decode(data)
+        frames = self._frames(timeout_ms)
+        return None if frames is None else self._accept(self._decode, frames)
 
     def drain(self, limit: int = 1000) -> list[AudioChunk]:
         """Every valid chunk already waiting (up to ``limit``), without blocking."""
         out = []
         for _ in range(limit):
-            try:
-                data = self.socket.recv(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
+            frames = self._frames(0)
+            if frames is None:
                 break
-            chunk = self._decode(data)
+            chunk = self._accept(self._decode, frames)
             if chunk is not None:
                 out.append(chunk)
         return out
@@ -160,38 +176,21 @@ class TelemetryPublisher:
         return self.publish("audio", audio_header(chunk))
 
 
-class TelemetrySubscriber:
+class TelemetrySubscriber(_Receiver):
     """SUB connected to telemetry endpoints, filtered by topic prefixes."""
 
-    def __init__(self, sock: zmq.Socket, max_samples: int):
-        self.socket = sock
-        self.max_samples = max_samples
-        self.received = 0
-        self.rejected = 0
-        self.last_reject: str | None = None
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
+    def _decode(self, frames: list[bytes]) -> Telemetry:
+        if len(frames) != 2:
+            raise ProtocolError(f"telemetry: expected 2 frames (topic, message), got {len(frames)}")
+        msg = decode_telemetry(frames[1], max_samples=self.max_samples)
+        if frames[0] != msg.topic.encode():
+            raise ProtocolError(f"telemetry: topic frame {frames[0][:64]!r} does not match {msg.topic!r}")
+        return msg
 
     def recv(self, timeout_ms: int = 0) -> Telemetry | None:
         """The next valid message within ``timeout_ms``, else ``None`` (rejects are counted)."""
-        if timeout_ms and not self._poller.poll(timeout_ms):
-            return None
-        try:
-            frames = self.socket.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return None
-        try:
-            if len(frames) != 2:
-                raise ProtocolError(f"telemetry: expected 2 frames (topic, message), got {len(frames)}")
-            msg = decode_telemetry(frames[1], max_samples=self.max_samples)
-            if frames[0] != msg.topic.encode():
-                raise ProtocolError(f"telemetry: topic frame {frames[0][:64]!r} does not match {msg.topic!r}")
-        except ProtocolError as exc:
-            self.rejected += 1
-            self.last_reject = str(exc)
-            return None
-        self.received += 1
-        return msg
+        frames = self._frames(timeout_ms)
+        return None if frames is None else self._accept(self._decode, frames)
 
 
 class Bus:

@@ -261,6 +261,15 @@ class Telemetry:
         return f"{self.type}.{self.service}"
 
 
+
+def _require_finite(x: np.ndarray, field: str) -> None:
+    """Refuse NaN/Inf samples: one of them poisons the model's state for good."""
+    if not np.isfinite(x).all():
+        bad = ~np.isfinite(x)
+        raise ProtocolError(f"{field}: {int(np.count_nonzero(bad))} non-finite samples "
+                            f"(first at index {int(np.argmax(bad))})")
+
+
 def make_telemetry(service: str, type: str, data: dict | None = None) -> Telemetry:
     """A :class:`Telemetry` from this process, now: host name, pid and both clocks filled in.
 
@@ -442,12 +451,7 @@ def _check_samples(samples: object) -> np.ndarray:
             raise ProtocolError(f"audio.samples: expected real numbers, got dtype {x.dtype}")
         with np.errstate(over="ignore"):  # too large for float32 becomes inf, refused below
             x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        bad = ~np.isfinite(x)
-        raise ProtocolError(
-            f"audio.samples: {int(np.count_nonzero(bad))} non-finite samples "
-            f"(first at index {int(np.argmax(bad))})"
-        )
+    _require_finite(x, "audio.samples")
     return x
 
 
@@ -611,12 +615,7 @@ def _decode_audio_map(m: dict, max_samples: int, expect_rate: int | None) -> Aud
         x = np.frombuffer(payload, dtype=_F32LE)
         if x.dtype != _NATIVE_F32:
             x = x.astype(np.float32)
-        if not np.isfinite(x).all():
-            bad = ~np.isfinite(x)
-            raise ProtocolError(
-                f"audio.payload: {int(np.count_nonzero(bad))} non-finite samples "
-                f"(first at index {int(np.argmax(bad))})"
-            )
+        _require_finite(x, "audio.payload")
     else:
         x = np.frombuffer(payload, dtype=_S16LE).astype(np.float32)
         x *= 1.0 / _S16_SCALE  # a power of two: exact, and encode's rint() gives the ints back

@@ -31,6 +31,13 @@ def receive_n(receiver, n: int, timeout: float = 5.0) -> list:
     return got
 
 
+def assert_capture_still_served(cfg, rx, seq: int = 99) -> None:
+    with Bus(cfg, "capture") as capture:
+        tx = capture.audio_sender("audio_in")
+        assert wait_until(lambda: tx.send(chunk(seq)), timeout=5)
+        assert receive_n(rx, 1)[0].seq == seq
+
+
 @pytest.mark.parametrize("scheme", ["tcp", "ipc"])
 def test_chunks_are_delivered_in_order_and_intact(scheme):
     cfg = make_config(scheme)
@@ -105,9 +112,7 @@ def test_malformed_input_is_rejected_counted_and_the_stream_goes_on():
     cfg = make_config("tcp")
     with Bus(cfg, "inference") as inference:
         rx = inference.audio_receiver("audio_in")
-        raw = zmq.Context.instance().socket(zmq.PUSH)
-        raw.setsockopt(zmq.LINGER, 0)
-        raw.connect(cfg.endpoint("audio_in").connect)
+        raw = _raw_pusher(cfg.endpoint("audio_in").connect)
         try:
             good = chunk(7)
             bad_rate = encode(dataclasses.replace(chunk(8), sample_rate=22050))
@@ -126,20 +131,14 @@ def test_oversized_message_never_reaches_the_application():
     cfg = make_config("tcp", "bus.max_samples=1000")
     with Bus(cfg, "inference") as inference:
         rx = inference.audio_receiver("audio_in")
-        raw = zmq.Context.instance().socket(zmq.PUSH)
-        raw.setsockopt(zmq.LINGER, 0)
-        raw.connect(cfg.endpoint("audio_in").connect)
+        raw = _raw_pusher(cfg.endpoint("audio_in").connect)
         try:
             raw.send(b"\x00" * (max_message_bytes(1000) + 1))
             assert rx.recv(timeout_ms=500) is None
             assert rx.rejected == 0  # libzmq dropped it (and that peer) before we saw a byte
         finally:
             raw.close()
-        # A well-behaved peer still gets through afterwards.
-        with Bus(cfg, "capture") as capture:
-            tx = capture.audio_sender("audio_in")
-            assert wait_until(lambda: tx.send(chunk(1)), timeout=5)
-            assert receive_n(rx, 1)[0].seq == 1
+        assert_capture_still_served(cfg, rx)  # a well-behaved peer gets through afterwards
 
 
 def test_telemetry_taps_attach_and_detach_freely():
@@ -186,8 +185,14 @@ def curve_config(keys_dir: Path):
     return make_config("tcp", "security.curve=true", f"security.keys_dir={keys_dir}")
 
 
-def test_curve_authorized_client_delivers(keys):
+@pytest.mark.parametrize("wildcard_bind", [False, True])
+def test_curve_authorized_client_delivers(keys, wildcard_bind):
     cfg = curve_config(keys)
+    if wildcard_bind:  # the LAN shape: the binder binds tcp://*:PORT, the others connect to a host
+        port = cfg.endpoint("audio_in").connect.rsplit(":", 1)[1]
+        cfg = make_config("tcp", "security.curve=true", f"security.keys_dir={keys}",
+                          f"endpoints.audio_in.connect=tcp://127.0.0.1:{port}",
+                          f"endpoints.audio_in.bind=tcp://*:{port}")
     with Bus(cfg, "inference") as inference, Bus(cfg, "capture") as capture, Bus(cfg, "monitor") as monitor:
         rx = inference.audio_receiver("audio_in")
         tx = capture.audio_sender("audio_in")
@@ -228,11 +233,7 @@ def test_curve_refuses_unknown_and_plaintext_clients(keys, client):
             assert rx.received == 0 and rx.rejected == 0  # nothing reached the application at all
         finally:
             raw.close()
-        # The authorized client is still served.
-        with Bus(cfg, "capture") as capture:
-            tx = capture.audio_sender("audio_in")
-            assert wait_until(lambda: tx.send(chunk(99)), timeout=5)
-            assert receive_n(rx, 1)[0].seq == 99
+        assert_capture_still_served(cfg, rx)  # the authorized client is still served
 
 
 def test_curve_without_keys_is_one_clear_error(tmp_path):
@@ -257,3 +258,45 @@ def test_llvc_keys_init_makes_private_keys(tmp_path):
     assert add.returncode == 0, add.stderr
     assert (folder / "authorized" / "dashboard.key").is_file()
     assert stat.S_IMODE((folder / "dashboard.key_secret").stat().st_mode) == 0o600
+
+
+def test_subscriber_rejects_malformed_telemetry_and_keeps_going():
+    cfg = make_config("tcp")
+    raw = zmq.Context.instance().socket(zmq.PUB)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.bind(cfg.endpoint("telemetry_playback").connect)
+    try:
+        with Bus(cfg, "monitor") as monitor:
+            sub = monitor.subscriber()
+            from common.protocol import make_telemetry
+
+            good = make_telemetry("playback", "event", {"event": "drop"})
+            bad = [[b"event.playback", os.urandom(50)], [b"event.playback"],
+                   [b"event.other", encode(good)]]  # topic frame that lies about the message
+
+            def round_trip():
+                for frames in bad:
+                    raw.send_multipart(frames)
+                raw.send_multipart([good.topic.encode(), encode(good)])
+                return sub.recv(timeout_ms=50) is not None
+
+            assert wait_until(round_trip, timeout=5)
+            assert wait_until(lambda: sub.recv(timeout_ms=20) is None and sub.rejected >= 3, timeout=5)
+    finally:
+        raw.close()
+
+
+def test_drain_returns_everything_waiting_without_blocking():
+    cfg = make_config("ipc")
+    with Bus(cfg, "inference") as inference, Bus(cfg, "capture") as capture:
+        rx = inference.audio_receiver("audio_in")
+        tx = capture.audio_sender("audio_in")
+        assert wait_until(lambda: tx.send(chunk(0)), timeout=5)
+        for i in range(1, 4):
+            assert tx.send(chunk(i))
+        got = []
+        assert wait_until(lambda: got.extend(rx.drain()) or len(got) == 4, timeout=5)
+        assert [c.seq for c in got] == [0, 1, 2, 3]
+        t0 = time.perf_counter()
+        assert rx.drain() == []
+        assert time.perf_counter() - t0 < 0.5

@@ -539,3 +539,14 @@ def test_config_from_args_error_is_one_line(monkeypatch):
         config_from_args(parser().parse_args([]))
     assert str(info.value) == ("env LLVC__SECURITY__CURVE: security.curve: must be true or false, "
                                "got a string 'maybe'")
+
+
+def test_readme_lan_example_is_a_valid_config(tmp_path):
+    """The README's two-host example must keep loading as the config evolves."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("[endpoints]\naudio_in            = { connect = \"tcp://10.0.0.2")
+    (tmp_path / "lan.toml").write_text(readme[start:readme.index("```", start)])
+    cfg = load_pipeline_config(tmp_path / "lan.toml", env={})
+    assert cfg.security.curve
+    assert cfg.endpoint("audio_in").address_for("inference") == ("tcp://*:5550", True)
+    assert cfg.endpoint("audio_in").address_for("capture") == ("tcp://10.0.0.2:5550", False)
