@@ -36,6 +36,10 @@ field              type        meaning
                                read as ``value / 32768``)
 ``payload``        bin         the samples, mono
 ``stages``         [map]       what each stage after capture added, in order (at most 16)
+``offset``         int         stream sample index of the chunk's first sample (>= 0): where
+                               it sits on the source's timeline, whatever chunks were lost
+``source_end``     int | nil   optional: total samples of a finite source (a file), once the
+                               capture knows it; nil or absent for a live source
 =================  ==========  ==================================================================
 
 Each ``stages`` entry (:class:`StageRecord`; times on *that stage's* host's monotonic clock):
@@ -88,7 +92,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from operator import itemgetter
 from typing import Any
@@ -152,13 +156,14 @@ _MISSING = object()
 # Each message's fields in wire order; itemgetter fetches them all in one C call, and its
 # KeyError names the first one missing.
 _AUDIO_FIELDS = ("stream_id", "seq", "t_capture_ns", "t_wall_ns", "sample_rate", "n_samples",
-                 "fmt", "payload", "stages")
+                 "fmt", "payload", "stages", "offset")
+_AUDIO_OPTIONAL = ("source_end",)
 _STAGE_FIELDS = ("name", "host", "t_recv_ns", "t_send_ns", "proc_ns", "model", "reset")
 _TELEMETRY_FIELDS = ("service", "type", "host", "pid", "t_mono_ns", "t_wall_ns", "data")
 _AUDIO_GET = itemgetter(*_AUDIO_FIELDS)
 _STAGE_GET = itemgetter(*_STAGE_FIELDS)
 _TELEMETRY_GET = itemgetter(*_TELEMETRY_FIELDS)
-_AUDIO_KEYS = frozenset(("kind", "v") + _AUDIO_FIELDS)
+_AUDIO_KEYS = frozenset(("kind", "v") + _AUDIO_FIELDS + _AUDIO_OPTIONAL)
 _STAGE_KEYS = frozenset(_STAGE_FIELDS)
 _TELEMETRY_KEYS = frozenset(("kind", "v") + _TELEMETRY_FIELDS)
 _WIRE_VERSION = list(PROTOCOL_VERSION)
@@ -203,21 +208,26 @@ class AudioChunk:
     sample_rate: int = SAMPLE_RATE
     fmt: str = "f32le"
     stages: tuple[StageRecord, ...] = ()
+    offset: int = 0
+    source_end: int | None = None
 
     @property
     def n_samples(self) -> int:
         """Number of samples in the chunk."""
         return int(self.samples.shape[0])
 
+    @property
+    def end(self) -> int:
+        """Stream sample index just past the chunk's last sample."""
+        return self.offset + self.n_samples
+
     def with_stage(self, stage: StageRecord) -> AudioChunk:
         """The same header and payload (not copied), with ``stage`` appended to the stages."""
-        return AudioChunk(self.stream_id, self.seq, self.t_capture_ns, self.t_wall_ns,
-                          self.samples, self.sample_rate, self.fmt, self.stages + (stage,))
+        return replace(self, stages=self.stages + (stage,))
 
     def with_samples(self, samples: np.ndarray) -> AudioChunk:
         """The same header and stages with a new payload (converted audio, say)."""
-        return AudioChunk(self.stream_id, self.seq, self.t_capture_ns, self.t_wall_ns,
-                          samples, self.sample_rate, self.fmt, self.stages)
+        return replace(self, samples=samples)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, AudioChunk):
@@ -230,6 +240,8 @@ class AudioChunk:
             and self.sample_rate == other.sample_rate
             and self.fmt == other.fmt
             and self.stages == other.stages
+            and self.offset == other.offset
+            and self.source_end == other.source_end
             and np.array_equal(self.samples, other.samples)
         )
 
@@ -511,7 +523,10 @@ def _encode_audio(c: AudioChunk) -> bytes:
         "fmt": fmt,
         "payload": payload,
         "stages": [_stage_map(s, f"audio.stages[{i}]") for i, s in enumerate(stages)],
+        "offset": _uint(c.offset, "audio.offset"),
     }
+    if c.source_end is not None:
+        m["source_end"] = _uint(c.source_end, "audio.source_end")
     return msgpack.packb(m, use_bin_type=True)
 
 
@@ -580,10 +595,14 @@ def _decode_stage(s: object, path: str) -> StageRecord:
 
 
 def _decode_audio_map(m: dict, max_samples: int, expect_rate: int | None) -> AudioChunk:
-    if len(m) > len(_AUDIO_KEYS):  # fewer or as many keys with an unknown one: one is missing
+    if len(m) > len(_AUDIO_FIELDS) + 2:  # more than kind, v and the required: check the rest
         _check_extra(m, _AUDIO_KEYS, "audio")
-    stream_id, seq, t_cap, t_wall, rate, n, fmt, payload, stages = _required(m, _AUDIO_GET, "audio")
+    stream_id, seq, t_cap, t_wall, rate, n, fmt, payload, stages, offset = _required(m, _AUDIO_GET, "audio")
     _name(stream_id, "audio.stream_id")
+    _uint(offset, "audio.offset")
+    source_end = m.get("source_end")
+    if source_end is not None:
+        _uint(source_end, "audio.source_end")
     _uint(seq, "audio.seq")
     _uint(t_cap, "audio.t_capture_ns")
     _uint(t_wall, "audio.t_wall_ns")
@@ -619,7 +638,7 @@ def _decode_audio_map(m: dict, max_samples: int, expect_rate: int | None) -> Aud
     else:
         x = np.frombuffer(payload, dtype=_S16LE).astype(np.float32)
         x *= 1.0 / _S16_SCALE  # a power of two: exact, and encode's rint() gives the ints back
-    return AudioChunk(stream_id, seq, t_cap, t_wall, x, rate, fmt, records)
+    return AudioChunk(stream_id, seq, t_cap, t_wall, x, rate, fmt, records, offset, source_end)
 
 
 def _decode_telemetry_map(m: dict) -> Telemetry:
@@ -732,6 +751,8 @@ def audio_header(chunk: AudioChunk) -> dict:
         "sample_rate": chunk.sample_rate,
         "n_samples": chunk.n_samples,
         "fmt": chunk.fmt,
+        "offset": chunk.offset,
+        "source_end": chunk.source_end,
         "stages": [
             {"name": s.name, "host": s.host, "t_recv_ns": s.t_recv_ns, "t_send_ns": s.t_send_ns,
              "proc_ns": s.proc_ns, "model": s.model, "reset": s.reset}

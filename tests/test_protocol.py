@@ -775,3 +775,24 @@ def test_fuzz_valid_messages_round_trip(fmt, n, n_stages, seed, data):
     else:
         with pytest.raises(ProtocolError, match="deeper than"):
             encode(t)
+
+
+def test_offset_and_source_end_round_trip():
+    c = chunk(offset=41616, source_end=42560)
+    assert_round_trips(c)
+    back = decode(encode(c))
+    assert (back.offset, back.source_end, back.end) == (41616, 42560, 41616 + 208)
+    live = decode(encode(chunk(offset=5)))
+    assert live.source_end is None and "source_end" not in wire(chunk(offset=5))
+    m = wire(chunk())
+    m["offset"] = -1
+    refused(pack(m), "audio.offset")
+    m = wire(chunk())
+    m["source_end"] = "end"
+    refused(pack(m), "audio.source_end")
+    m = wire(chunk())
+    del m["offset"]
+    refused(pack(m), "offset")
+    m = wire(chunk())
+    m["source_end"] = None  # nil: a live source
+    assert decode(pack(m)).source_end is None
