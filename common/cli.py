@@ -12,16 +12,25 @@ import sys
 COMMANDS = {
     "convert": ("models.convert", "convert audio files with LLVC (offline or streamed)"),
     "download": ("models.download", "fetch upstream's released checkpoint from the Hugging Face hub"),
+    "run": ("services.run", "run the whole pipeline under supervisord and print the monitor's report"),
+    "capture": ("services.capture", "service: capture audio (device, file or test signal) and send chunks"),
+    "inference": ("services.inference", "service: convert chunks with LLVC (one streaming state per stream)"),
+    "playback": ("services.playback", "service: jitter buffer and output (device, file or null)"),
+    "monitor": ("services.monitor", "service: latency, drops, health; status lines, /metrics, report"),
     "tap": ("common.tap", "print the pipeline's telemetry as JSON lines"),
     "keys": ("common.security", "create CURVE key pairs for LAN links"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (imports each sub-command module to get its flags)."""
+def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only ``argv_command``'s module is imported for its full flags."""
     parser = argparse.ArgumentParser(prog="llvc", description="Real-time voice conversion with LLVC.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
+        if name != argv_command:
+            # Only the chosen command's module is imported: a service starts fast.
+            sub.add_parser(name, help=help_text)
+            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
@@ -30,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``llvc``; returns (and, as a console script, exits with) the status."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
     try:
         return importlib.import_module(args._module).run(args)
     except KeyboardInterrupt:

@@ -75,7 +75,9 @@ REQUIRED_ENDPOINTS: dict[str, tuple[str, ...]] = {
     "telemetry_monitor": ("monitor",),
 }
 
-_TABLES = ("endpoints", "bus", "security") + SERVICES
+#: Tables of settings that their users validate: the shared ``[model]`` and one per service.
+SETTINGS_TABLES = ("model",) + SERVICES
+_TABLES = ("endpoints", "bus", "security") + SETTINGS_TABLES
 _ENDPOINT_KEYS = ("connect", "bind", "binder")
 # Env names are lower-cased and split on "__", so only such names can be reached from the env.
 _ENDPOINT_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
@@ -148,8 +150,9 @@ class SecurityOptions:
 class PipelineConfig:
     """The validated pipeline config.
 
-    ``services`` maps every name in :data:`SERVICES` to its raw table (empty when the file has
-    none); each service validates its own table. ``source`` says where the config came from:
+    ``services`` maps every name in :data:`SETTINGS_TABLES` (``model`` and each service) to its
+    raw table (empty when the file has none); each user validates its own table
+    (:func:`services.base.parse_settings`). ``source`` says where the config came from:
     the file, then each override applied, for messages.
     """
 
@@ -544,7 +547,7 @@ def _validate(raw: dict, sources: _Sources, source: str) -> PipelineConfig:
     endpoints = _parse_endpoints(raw, sources)
     bus = _parse_bus(raw, sources)
     security = _parse_security(raw, sources)
-    services = {name: dict(_table(raw, name, sources)) for name in SERVICES}
+    services = {name: dict(_table(raw, name, sources)) for name in SETTINGS_TABLES}
     return PipelineConfig(endpoints=endpoints, bus=bus, security=security, services=services, source=source)
 
 

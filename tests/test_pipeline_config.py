@@ -100,7 +100,7 @@ def test_default_file_loads_with_the_documented_values():
     )
     assert isinstance(cfg.bus.heartbeat_interval_s, float)
     assert cfg.security == SecurityOptions(curve=False, keys_dir=Path.cwd() / "keys")
-    assert cfg.services == {name: {} for name in SERVICES}
+    assert set(cfg.services) == {"model", *SERVICES}
     assert [ep.name for ep in cfg.telemetry_endpoints()] == [
         "telemetry_capture", "telemetry_inference", "telemetry_playback", "telemetry_monitor"]
 
@@ -110,7 +110,7 @@ def test_code_defaults_equal_the_default_file():
     raw = tomllib.loads(DEFAULT_TEXT)
     assert raw["bus"] == BusOptions().__dict__
     assert raw["security"] == {"curve": SecurityOptions.curve, "keys_dir": str(SecurityOptions.keys_dir)}
-    assert set(raw) == {"endpoints", "bus", "security", *SERVICES}
+    assert set(raw) == {"endpoints", "bus", "security", "model", *SERVICES}
 
 
 def test_every_bus_and_security_key_is_commented():
@@ -129,14 +129,14 @@ def test_missing_tables_take_defaults(tmp_path):
     cfg = load(path=write(tmp_path, text))
     assert cfg.bus == BusOptions()
     assert cfg.security.curve is False
-    assert cfg.services == {name: {} for name in SERVICES}
+    assert cfg.services == {name: {} for name in ("model", *SERVICES)}
 
 
 def test_service_tables_are_kept_as_plain_dicts(tmp_path):
-    path = write(tmp_path, edited("[inference]\n", '[inference]\ndevice = "cuda"\nchunk = { factor = 2 }\n'))
-    cfg = load("capture.device=hw:1", path=path)
-    assert cfg.services["inference"] == {"device": "cuda", "chunk": {"factor": 2}}
-    assert cfg.services["capture"] == {"device": "hw:1"}
+    path = write(tmp_path, edited("[inference]\n", '[inference]\nextra = "cuda"\nchunk = { factor = 2 }\n'))
+    cfg = load("capture.other=hw:1", path=path)
+    assert cfg.services["inference"]["extra"] == "cuda" and cfg.services["inference"]["chunk"] == {"factor": 2}
+    assert cfg.services["capture"]["other"] == "hw:1"
 
 
 # ----------------------------------------------------------------------- layers and precedence
