@@ -1,1 +1,69 @@
-"""Pipeline services (capture, inference, playback, monitor)."""
+"""The pipeline's processes: capture → inference → playback, plus monitor; ``llvc run``.
+
+How a stream flows (the contract between the services)
+=======================================================
+
+Timeline. Every audio chunk carries ``offset``: the stream sample index of its first sample.
+Output sample ``i`` of the pipeline is the conversion of source sample ``i`` (the same offset),
+so playback can place converted audio on the source's timeline and a file sink is aligned to
+the source.
+
+capture (``services/capture.py``)
+  * A new ``stream_id`` (uuid4 hex) every time a source starts; ``seq`` counts messages from 0.
+  * The **first message of a stream is the head**: ``head_len`` (= L = 16) samples at offset 0.
+    Every later message is exactly ``chunk_len`` samples at offsets ``head_len + k*chunk_len``.
+    Why: the model needs L samples of lookahead (see ``models/streaming.py``). With the chunk
+    grid shifted by L, inference can convert chunk k the moment it arrives, and each sample
+    waits chunk + L (14 ms at chunk factor 1) instead of two chunks (26 ms).
+  * ``t_capture_ns`` is the ``CLOCK_MONOTONIC`` time of the chunk's first sample (device:
+    PortAudio's ADC time mapped to monotonic; file/test sources: the paced schedule
+    ``t0 + offset / sr``).
+  * A file source that ends sets ``source_end`` (total source samples) on its last chunk, pads
+    that chunk with zeros, then sends 2 more chunks of zeros (so the last samples get their
+    lookahead) carrying ``source_end`` too, publishes ``event.capture {"event": "eof",
+    "stream_id", "source_end"}`` and then sends nothing (it does not exit: supervisord would
+    restart it). With ``loop = true`` the file starts over inside the same stream instead.
+  * A failed send (no peer, queue full) is a drop: counter ``dropped_capture_send``; ``seq`` and
+    ``offset`` advance anyway, so downstream sees the gap.
+
+inference (``services/inference.py``)
+  * One engine state per stream id; a new stream id resets it (event ``reset``, reason
+    ``new_stream``). A message at offset 0 primes the engine with its first ``head_len``
+    samples (the stream's true head).
+  * Re-frames whatever arrives into ``chunk_len`` steps; output chunk ``j`` of a segment covers
+    source samples ``[origin + j*chunk_len, ... + chunk_len)`` and is sent with that ``offset``,
+    the interpolated ``t_capture_ns``/``t_wall_ns`` of that source sample, ``source_end`` copied
+    from the input, and a ``StageRecord("inference", ...)`` appended.
+  * Sequence gap (offset jumps ahead): up to ``max_gap_ms`` is zero-filled (the timeline and
+    the decoder's window grid stay intact, the state stays warm, and a short burst of silence
+    is the honest stand-in for lost audio); a longer gap (or a stream that fell behind and had
+    its backlog dropped) resets the state (reason ``gap``/``backlog``) and starts a new segment
+    whose head is silence: origin = offset - head_len, so output stays on the chunk grid and
+    is produced as soon as each chunk arrives. Zero-filling a long gap would cost compute for
+    audio nobody hears and add latency right when the pipeline is recovering.
+  * Backlog above ``max_backlog_ms`` → drop the oldest input, counter
+    ``dropped_inference_backlog`` (in chunks), reset. Non-finite output → reset (``non_finite``).
+  * Publishes ``chunk.inference {"stream_id", "seq", "offset", "proc_ms", "rtf",
+    "queue_chunks", "reset"}`` per output chunk; heartbeat status carries ``model``,
+    ``untrained``, ``chunk_len``, ``algorithmic_latency_ms``, ``latency_ms``, ``device``.
+
+playback (``services/playback.py``)
+  * Jitter buffer keyed by offset; fixed playout timeline per stream: the first chunk of a
+    stream plays ``target_ms`` after it arrives; from then on the read position advances with
+    the sink's clock. Missing audio at the read position → silence (underrun, counted, short
+    fade); a chunk whose samples' play slot has passed → dropped (``dropped_late``, the late
+    part only); fill above ``max_ms`` → drop oldest back to ``target_ms``
+    (``dropped_overflow``).
+  * e2e latency of a chunk = time its first sample reaches the output − its ``t_capture_ns``
+    (same host clock; on different hosts this is meaningless, so the monitor must run the
+    latency figures from playback on the capture host). Published as
+    ``chunk.playback {"stream_id", "seq", "offset", "e2e_ms", "fill_ms"}``.
+  * When the read position passes a stream's ``source_end``: ``event.playback {"event":
+    "drained", "stream_id", "source_end"}``; a file sink then has exactly ``source_end``
+    samples for that stream.
+
+monitor (``services/monitor.py``)
+  * Subscribes to all telemetry; status line every few seconds (also published as
+    ``event.monitor {"event": "status", "line"}``); Prometheus ``/metrics``; a JSON report on
+    shutdown.
+"""

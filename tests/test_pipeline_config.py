@@ -550,3 +550,11 @@ def test_readme_lan_example_is_a_valid_config(tmp_path):
     assert cfg.security.curve
     assert cfg.endpoint("audio_in").address_for("inference") == ("tcp://*:5550", True)
     assert cfg.endpoint("audio_in").address_for("capture") == ("tcp://10.0.0.2:5550", False)
+
+
+@pytest.mark.parametrize("name", ["lan-gpu-host.toml", "lan-capture-host.toml"])
+def test_lan_example_configs_load_with_curve_on(name):
+    cfg = load_pipeline_config(Path(__file__).resolve().parent.parent / "config" / name, env={})
+    assert cfg.security.curve
+    assert cfg.endpoint("audio_in").address_for("inference") == ("tcp://*:5550", True)
+    assert cfg.endpoint("audio_in").address_for("capture") == ("tcp://10.0.0.2:5550", False)

@@ -1,0 +1,291 @@
+"""``llvc run``: the whole pipeline under supervisord, its status lines, and its report.
+
+1. Validates the pipeline config and the options, and turns the options into the
+   ``LLVC__SECTION__KEY`` environment overrides every service reads (paths made absolute, since
+   the services run from the repository root).
+2. Starts ``supervisord -c supervisord.conf`` in its own session (so a terminal's Ctrl-C reaches
+   only this process, which then shuts everything down in order), then starts the programs:
+   monitor, inference, playback, capture.
+3. Prints the monitor's status lines (``event.monitor`` on the telemetry bus) and watches the
+   programs: one that cannot start is reported with its own error line instead of a hang.
+4. Stops on ``--until-eof`` (playback reports the file stream drained), ``--duration``, Ctrl-C
+   or SIGTERM: capture first and monitor last, so the monitor sees everything before it writes
+   its report; then supervisord itself. No process is left behind.
+5. Prints the report and writes it to ``--report``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xmlrpc.client
+from pathlib import Path
+
+from common.config import PipelineConfigError, add_config_arguments, config_from_args
+
+REPO = Path(__file__).resolve().parent.parent
+SUPERVISORD_CONF = REPO / "supervisord.conf"
+START_ORDER = ("monitor", "inference", "playback", "capture")
+
+
+class RunError(RuntimeError):
+    """The pipeline could not run (one line)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register ``llvc run``'s flags on ``p``."""
+    add_config_arguments(p)
+    p.add_argument("--source", help="file:PATH | device:NAME | tone | clicks | silence (capture.source)")
+    p.add_argument("--sink", help="file:PATH | device:NAME | null (playback.sink)")
+    p.add_argument("-p", "--checkpoint", help="LLVC checkpoint (model.checkpoint); default: untrained model")
+    p.add_argument("-c", "--config", dest="model_config", help="model config JSON (model.config)")
+    p.add_argument("-n", "--chunk-factor", type=int, help="chunk = 13*16*N samples (model.chunk_factor)")
+    p.add_argument("--passthrough", action="store_true", help="identity model with the same chunking (model.kind)")
+    p.add_argument("--report", help="write the final JSON report here")
+    p.add_argument("--until-eof", action="store_true", help="stop once a file source is played out")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--services", default=",".join(START_ORDER),
+                   help="comma-separated subset to run on this host (default: all four)")
+    p.add_argument("--run-dir", help="folder for logs and the control socket (default: a new temp folder)")
+
+
+def _abs_path_spec(spec: str | None, prefix: str = "file:") -> str | None:
+    """``file:rel/path`` → ``file:/abs/path`` (services run from the repository root)."""
+    if spec and spec.startswith(prefix):
+        return prefix + str(Path(spec[len(prefix):]).expanduser().resolve())
+    return spec
+
+
+def build_environment(args: argparse.Namespace, run_dir: Path) -> dict[str, str]:
+    """The environment the services get: settings as ``LLVC__`` overrides, plus the run folder."""
+    env = dict(os.environ)
+    env["LLVC_RUN_DIR"] = str(run_dir)
+    config_file = args.pipeline_config or os.environ.get("LLVC_PIPELINE_CONFIG")
+    if config_file:
+        env["LLVC_PIPELINE_CONFIG"] = str(Path(config_file).resolve())
+    def env_name(key: str) -> str:
+        return "LLVC__" + "__".join(part.upper() for part in key.strip().split("."))
+
+    for item in args.set or []:  # --set wins over the caller's environment, as on the command line
+        key, _, value = item.partition("=")
+        env[env_name(key)] = value  # verbatim: services parse it exactly as --set would
+    settings: dict[str, object] = {}
+    if args.source:
+        settings["capture.source"] = _abs_path_spec(args.source)
+    if args.sink:
+        settings["playback.sink"] = _abs_path_spec(args.sink)
+    if args.checkpoint:
+        settings["model.checkpoint"] = str(Path(args.checkpoint).resolve())
+    if args.model_config:
+        settings["model.config"] = str(Path(args.model_config).resolve())
+    if args.chunk_factor is not None:
+        settings["model.chunk_factor"] = args.chunk_factor
+    if args.passthrough:
+        settings["model.kind"] = "passthrough"
+    settings["monitor.report"] = str(run_dir / "report.json")
+    for key, value in settings.items():
+        env[env_name(key)] = json.dumps(value) if isinstance(value, str) and _needs_quotes(value) else str(value)
+    return env
+
+
+def _needs_quotes(value: str) -> bool:
+    # Values are read as TOML when they parse as TOML; quote strings that would parse as
+    # something else (a path never does, but "1" or "true" as a device name would).
+    import tomllib
+
+    try:
+        tomllib.loads(f"v = {value}")
+    except tomllib.TOMLDecodeError:
+        return False
+    return not (value.startswith('"') and value.endswith('"'))
+
+
+class Supervisor:
+    """A supervisord child process and its XML-RPC control interface."""
+
+    def __init__(self, run_dir: Path, env: dict[str, str]):
+        self.run_dir = run_dir
+        self.socket = run_dir / "supervisor.sock"
+        supervisord = Path(sys.executable).parent / "supervisord"
+        self.proc = subprocess.Popen(
+            [str(supervisord), "-c", str(SUPERVISORD_CONF)], env=env, cwd=REPO,
+            stdout=open(run_dir / "supervisord.out", "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own session: a terminal Ctrl-C reaches only us
+        self.rpc = self._connect()
+
+    def _connect(self):
+        from supervisor.xmlrpc import SupervisorTransport
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = (self.run_dir / "supervisord.out").read_text(errors="replace").strip().splitlines()
+                raise RunError(f"supervisord exited at start: {tail[-1] if tail else 'no output'}")
+            if self.socket.exists():
+                proxy = xmlrpc.client.ServerProxy(
+                    "http://127.0.0.1", transport=SupervisorTransport(None, None, f"unix://{self.socket}"))
+                try:
+                    if proxy.supervisor.getState()["statename"] == "RUNNING":
+                        return proxy
+                except (OSError, xmlrpc.client.Fault):
+                    pass
+            time.sleep(0.05)
+        raise RunError("supervisord did not come up within 15 s")
+
+    def start(self, name: str) -> None:
+        """Start a program without waiting for it to be up (we watch its state instead)."""
+        self.rpc.supervisor.startProcess(name, False)
+
+    def states(self) -> dict[str, dict]:
+        """Program name → supervisord's process info."""
+        return {p["name"]: p for p in self.rpc.supervisor.getAllProcessInfo()}
+
+    def stop(self, name: str) -> None:
+        """Stop a program and wait for it (no-op if it is not running)."""
+        try:
+            self.rpc.supervisor.stopProcess(name, True)
+        except xmlrpc.client.Fault:
+            pass  # NOT_RUNNING
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        """Stop supervisord; make sure nothing it started survives."""
+        pids = set()
+        try:
+            pids = {p["pid"] for p in self.states().values() if p["pid"]}
+            self.rpc.supervisor.shutdown()
+        except (OSError, xmlrpc.client.Fault, ConnectionError):
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        for pid in pids:  # belt and braces: a program's group must not outlive its supervisor
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _last_error(run_dir: Path, name: str) -> str:
+    log = run_dir / f"{name}.log"
+    if not log.exists():
+        return "no log"
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if " ERROR " in line]
+    return (errors or lines or ["no output"])[-1]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``llvc run``."""
+    from common.bus import Bus
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):  # only sets a flag; the loop below acts on it
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def fail(msg: str) -> int:
+        print(f"llvc run: error: {msg}", file=sys.stderr)
+        return 2
+
+    services = [s.strip() for s in args.services.split(",") if s.strip()]
+    unknown = [s for s in services if s not in START_ORDER]
+    if unknown or not services:
+        return fail(f"--services: unknown service {unknown[0] if unknown else '(none)'} "
+                    f"(known: {', '.join(START_ORDER)})")
+    if args.until_eof and not (args.source or "").startswith("file:"):
+        return fail("--until-eof needs --source file:PATH")
+    if args.source and args.source.startswith("file:") and not Path(args.source[5:]).is_file():
+        return fail(f"{args.source[5:]}: no such source file")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        return fail(f"{args.checkpoint}: no such checkpoint file")
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else Path(tempfile.mkdtemp(prefix="llvc-run-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = build_environment(args, run_dir)
+    try:
+        # Validate with exactly what the services will see.
+        from common.config import load_pipeline_config
+        from services.base import chunk_geometry
+
+        cfg = load_pipeline_config(env.get("LLVC_PIPELINE_CONFIG"), env=env)
+        chunk_geometry(cfg)
+    except PipelineConfigError as exc:
+        return fail(str(exc))
+    print(f"llvc run: run folder {run_dir} (logs), services: {', '.join(services)}", flush=True)
+
+    status = 0
+    sup = None
+    bus = None
+    try:
+        sup = Supervisor(run_dir, env)
+        bus = Bus(cfg, "tap")
+        events = bus.subscriber(["event."])
+        for name in START_ORDER:
+            if name in services:
+                sup.start(name)
+        started = time.monotonic()
+        deadline = started + args.duration if args.duration else None
+        last_states: dict[str, str] = {}
+        next_check = 0.0
+        while stop["signal"] is None:
+            msg = events.recv(timeout_ms=100)
+            if msg is not None:
+                if msg.service == "monitor" and msg.data.get("event") == "status":
+                    print(msg.data.get("line", ""), flush=True)
+                elif args.until_eof and msg.service == "playback" and msg.data.get("event") == "drained":
+                    print("llvc run: source played out", flush=True)
+                    break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if now >= next_check:
+                next_check = now + 0.5
+                for name, info in sup.states().items():
+                    if name not in services:
+                        continue
+                    state = info["statename"]
+                    if state != last_states.get(name):
+                        last_states[name] = state
+                        if state in ("RUNNING", "BACKOFF", "FATAL", "EXITED"):
+                            print(f"llvc run: {name} {state.lower()} (pid {info['pid'] or '-'})", flush=True)
+                    if state in ("FATAL", "BACKOFF") and "cannot start" in _last_error(run_dir, name):
+                        raise RunError(f"{name} cannot start: {_last_error(run_dir, name).split('cannot start: ', 1)[-1]}")
+                    if state == "FATAL":
+                        raise RunError(f"{name} failed: {_last_error(run_dir, name)}")
+        if stop["signal"] is not None:
+            print("llvc run: interrupted, shutting down", flush=True)
+            status = 130 if stop["signal"] == signal.SIGINT else 143
+    except RunError as exc:
+        print(f"llvc run: error: {exc}", file=sys.stderr, flush=True)
+        status = 1
+    finally:
+        if bus is not None:
+            bus.close()
+        if sup is not None:
+            for name in reversed(START_ORDER):  # capture first, monitor last
+                sup.stop(name)
+            sup.shutdown()
+    report_path = run_dir / "report.json"
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.report:
+            out = Path(args.report)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")
+            tmp.write_text(text + "\n")
+            tmp.replace(out)
+    elif status == 0 and "monitor" in services:
+        print("llvc run: error: the monitor wrote no report", file=sys.stderr)
+        status = 1
+    return status
