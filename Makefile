@@ -1,17 +1,25 @@
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 DEMO_CLIP := tests/data/174-50561-0000.wav
 
 setup:
 	bash scripts/setup.sh
 
-# The main job on the embedded default: stream-convert the bundled clip chunk by chunk.
+# The main job on the embedded default: the bundled clip through the whole pipeline
+# (capture -> inference -> playback, + monitor, under supervisord) into a file; prints the report.
 demo: setup
-	.venv/bin/llvc convert --stream --chunk-factor 1 -f $(DEMO_CLIP) -o out/demo
-	@echo "demo: converted $(DEMO_CLIP) -> out/demo/$(notdir $(DEMO_CLIP))"
+	mkdir -p out/demo
+	.venv/bin/llvc run --source file:$(DEMO_CLIP) --sink file:out/demo/converted.wav \
+		--until-eof --report out/demo/report.json
+	@echo "demo: converted $(DEMO_CLIP) -> out/demo/converted.wav (report: out/demo/report.json)"
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+# Speed and latency live here, not in tests: prints tables.
+bench: setup
+	.venv/bin/python scripts/bench_protocol.py
+	.venv/bin/python scripts/bench_pipeline.py
 
 clean:
 	rm -rf out/

@@ -126,8 +126,8 @@ class Endpoint:
 class BusOptions:
     """``[bus]``: socket options for every socket. The defaults are those of the default file."""
 
-    send_hwm: int = 4
-    recv_hwm: int = 4
+    send_hwm: int = 8
+    recv_hwm: int = 8
     linger_ms: int = 0
     heartbeat_ivl_ms: int = 1000
     heartbeat_timeout_ms: int = 3000

@@ -30,10 +30,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .geometry import StreamGeometry
 from .llvc import LLVC
 
 
-class StreamingEngine:
+class StreamingEngine(StreamGeometry):
     """One stream's state and the exact streaming step.
 
     State: encoder buffer ``[1, enc_dim, 510]``, decoder buffer ``[1, layers + 1, 13, dec_dim]``,
@@ -65,41 +66,6 @@ class StreamingEngine:
             self._in = torch.zeros(1, 1, self.context_len + self.chunk_len, device=self.device)
         self._primed = False
         self.chunks_processed = 0
-
-    # ------------------------------------------------------------------ properties
-    @property
-    def delay_samples(self) -> int:
-        """Constant lag of the output behind the chunks fed to :meth:`process` (``L``).
-
-        Output sample ``m`` of the concatenated ``process()`` results is offline's output for
-        stream sample ``m`` of ``head + chunks``; the chunks start at stream sample ``head_len``.
-        """
-        return self.head_len
-
-    @property
-    def latency_samples(self) -> int:
-        """How long each sample waits for its conversion, before compute: ``chunk_len + L``."""
-        return self.chunk_len + self.delay_samples
-
-    @property
-    def algorithmic_latency_s(self) -> float:
-        """Upstream's definition, ``(2L + chunk_len) / sr`` (counts all 2L context as future)."""
-        return (self.context_len + self.chunk_len) / self.sample_rate
-
-    @property
-    def latency_s(self) -> float:
-        """:attr:`latency_samples` in seconds (the true algorithmic latency)."""
-        return self.latency_samples / self.sample_rate
-
-    @property
-    def chunk_s(self) -> float:
-        """Duration of one chunk in seconds."""
-        return self.chunk_len / self.sample_rate
-
-    @property
-    def primed(self) -> bool:
-        """Whether the stream head has been consumed (by :meth:`prime` or the first chunk)."""
-        return self._primed
 
     # ------------------------------------------------------------------ control
     def reset(self) -> None:

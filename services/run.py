@@ -105,6 +105,17 @@ def _needs_quotes(value: str) -> bool:
     return not (value.startswith('"') and value.endswith('"'))
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if ``llvc run`` itself dies (even by SIGKILL), so that
+    supervisord then stops the services instead of running on unattended (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Supervisor:
     """A supervisord child process and its XML-RPC control interface."""
 
@@ -115,7 +126,8 @@ class Supervisor:
         self.proc = subprocess.Popen(
             [str(supervisord), "-c", str(SUPERVISORD_CONF)], env=env, cwd=REPO,
             stdout=open(run_dir / "supervisord.out", "wb"), stderr=subprocess.STDOUT,
-            start_new_session=True)  # its own session: a terminal Ctrl-C reaches only us
+            start_new_session=True,  # its own session: a terminal Ctrl-C reaches only us
+            preexec_fn=_die_with_parent)
         self.rpc = self._connect()
 
     def _connect(self):
@@ -257,7 +269,10 @@ def run(args: argparse.Namespace) -> int:
                         last_states[name] = state
                         if state in ("RUNNING", "BACKOFF", "FATAL", "EXITED"):
                             print(f"llvc run: {name} {state.lower()} (pid {info['pid'] or '-'})", flush=True)
-                    if state in ("FATAL", "BACKOFF") and "cannot start" in _last_error(run_dir, name):
+                    # Our services exit 2 on a setup error (bad config, missing file, port in
+                    # use): retrying cannot help, so say so now instead of letting supervisord
+                    # restart it forever (it may have outlived startsecs while importing torch).
+                    if info["exitstatus"] == 2 and "cannot start" in _last_error(run_dir, name):
                         raise RunError(f"{name} cannot start: {_last_error(run_dir, name).split('cannot start: ', 1)[-1]}")
                     if state == "FATAL":
                         raise RunError(f"{name} failed: {_last_error(run_dir, name)}")

@@ -157,6 +157,9 @@ def test_config_file_problems(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(tmp_path / "bad.json")
+    (tmp_path / "binary.pth").write_bytes(b"\x80\x02\xff" * 10)
+    with pytest.raises(ConfigError, match="binary.pth: not a JSON config"):
+        load_config(tmp_path / "binary.pth")
     raw = json.loads(DEFAULT_CONFIG_PATH.read_text())
     raw["data"]["sr"] = 22050
     with pytest.raises(ConfigError, match="16000 Hz only, got 22050"):

@@ -94,7 +94,7 @@ def test_default_file_loads_with_the_documented_values():
         assert cfg.endpoint(name) == Endpoint(name=name, connect=address, bind=address, binder=binder)
         assert cfg.endpoint(name).is_tcp
     assert cfg.bus == BusOptions(
-        send_hwm=4, recv_hwm=4, linger_ms=0, heartbeat_ivl_ms=1000, heartbeat_timeout_ms=3000,
+        send_hwm=8, recv_hwm=8, linger_ms=0, heartbeat_ivl_ms=1000, heartbeat_timeout_ms=3000,
         reconnect_ivl_ms=100, reconnect_ivl_max_ms=1000, max_samples=16000, telemetry_hwm=1000,
         heartbeat_interval_s=1.0,
     )
@@ -143,7 +143,7 @@ def test_service_tables_are_kept_as_plain_dicts(tmp_path):
 
 
 def test_file_then_env_then_cli(tmp_path):
-    path = write(tmp_path, edited("send_hwm = 4 ", "send_hwm = 5 "))
+    path = write(tmp_path, edited("send_hwm = 8 ", "send_hwm = 5 "))
     env = {"LLVC__BUS__SEND_HWM": "6"}
     assert load("bus.send_hwm=7", env=env, path=path).bus.send_hwm == 7
     assert load(env=env, path=path).bus.send_hwm == 6
@@ -158,12 +158,12 @@ def test_later_set_wins_and_source_lists_the_layers(tmp_path):
 
 
 def test_file_path_from_argument_then_env_then_default(tmp_path):
-    from_env = write(tmp_path, edited("send_hwm = 4 ", "send_hwm = 8 "), "env.toml")
-    from_arg = write(tmp_path, edited("send_hwm = 4 ", "send_hwm = 9 "), "arg.toml")
+    from_env = write(tmp_path, edited("send_hwm = 8 ", "send_hwm = 7 "), "env.toml")
+    from_arg = write(tmp_path, edited("send_hwm = 8 ", "send_hwm = 9 "), "arg.toml")
     env = {"LLVC_PIPELINE_CONFIG": str(from_env)}
     assert load_pipeline_config(from_arg, env=env).bus.send_hwm == 9
-    assert load_pipeline_config(env=env).bus.send_hwm == 8
-    assert load_pipeline_config(env={"LLVC_PIPELINE_CONFIG": ""}).bus.send_hwm == 4
+    assert load_pipeline_config(env=env).bus.send_hwm == 7
+    assert load_pipeline_config(env={"LLVC_PIPELINE_CONFIG": ""}).bus.send_hwm == 8
     assert load_pipeline_config(env={}).source == str(DEFAULT_PIPELINE_CONFIG)
 
 
@@ -440,7 +440,7 @@ def test_unusable_set_items(item, fragment):
     "old, new, key, fragments",
     [
         ("[capture]\n", "[capture]\n[sound]\nrate = 1\n", "sound", ["unknown table"]),
-        ("send_hwm = 4 ", "send_hwm = true ", "bus.send_hwm", ["must be an integer"]),
+        ("send_hwm = 8 ", "send_hwm = true ", "bus.send_hwm", ["must be an integer"]),
         ("linger_ms = 0 ", "linger_ms = -1 ", "bus.linger_ms", ["would block shutdown"]),
         ("heartbeat_timeout_ms = 3000", "heartbeat_timeout_ms = 999", "bus.heartbeat_timeout_ms",
          ["below heartbeat_ivl_ms"]),
@@ -470,7 +470,7 @@ def test_missing_endpoints_table(tmp_path):
 
 
 def test_toml_syntax_error_gives_line_and_column(tmp_path):
-    path = write(tmp_path, edited("send_hwm = 4 ", "send_hwm 4 "))
+    path = write(tmp_path, edited("send_hwm = 8 ", "send_hwm 8 "))
     line = DEFAULT_TEXT.splitlines().index(
         next(ln for ln in DEFAULT_TEXT.splitlines() if ln.startswith("send_hwm"))) + 1
     msg = error_of(path=path)
@@ -509,7 +509,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def test_config_from_args_layers_file_env_and_set(tmp_path, monkeypatch):
-    path = write(tmp_path, edited("send_hwm = 4 ", "send_hwm = 5 "))
+    path = write(tmp_path, edited("send_hwm = 8 ", "send_hwm = 5 "))
     monkeypatch.setenv("LLVC__BUS__SEND_HWM", "6")
     monkeypatch.setenv("LLVC__BUS__LINGER_MS", "10")
     args = parser().parse_args(["--pipeline-config", str(path), "--set", "bus.send_hwm=7",
@@ -525,7 +525,7 @@ def test_config_from_args_defaults(tmp_path, monkeypatch):
     assert args.pipeline_config is None and args.set is None
     assert config_from_args(args).source == str(DEFAULT_PIPELINE_CONFIG)
     # The file named by the environment, when no flag names one.
-    path = write(tmp_path, edited("recv_hwm = 4", "recv_hwm = 2"))
+    path = write(tmp_path, edited("recv_hwm = 8", "recv_hwm = 2"))
     monkeypatch.setenv("LLVC_PIPELINE_CONFIG", str(path))
     assert config_from_args(p.parse_args([])).bus.recv_hwm == 2
     # Parsing twice must not share the --set list.

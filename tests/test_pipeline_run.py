@@ -127,3 +127,29 @@ def test_bad_options_fail_before_anything_starts(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "bus.send_hwm" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_run_options_become_the_services_settings(tmp_path, monkeypatch):
+    """What llvc run exports is exactly what the services then load."""
+    import argparse
+
+    from common.config import load_pipeline_config
+    from services.base import model_settings
+    from services.run import add_arguments, build_environment
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clip.wav").write_bytes(b"")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--source", "file:clip.wav", "--sink", "device:1", "-n", "2", "--passthrough",
+                         "--set", "bus.send_hwm=8", "--set", "playback.target_ms=6.5"])
+    env = build_environment(args, tmp_path / "run")
+    cfg = load_pipeline_config(None, env=env)
+    assert cfg.bus.send_hwm == 8
+    assert cfg.services["capture"]["source"] == f"file:{tmp_path / 'clip.wav'}"
+    assert cfg.services["playback"]["sink"] == "device:1"  # stays a string, not the number 1
+    assert cfg.services["playback"]["target_ms"] == 6.5
+    assert cfg.services["monitor"]["report"] == str(tmp_path / "run" / "report.json")
+    m = model_settings(cfg)
+    assert (m.chunk_factor, m.kind) == (2, "passthrough")
+    assert env["LLVC_RUN_DIR"] == str(tmp_path / "run")

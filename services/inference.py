@@ -1,0 +1,408 @@
+"""``llvc inference``: convert the capture's chunks with LLVC, one streaming state per stream.
+
+Binds ``audio_in`` (PULL) and ``audio_out`` (PUSH); the contract it keeps is in
+:mod:`services` (offsets, the head message, gaps, resets, telemetry names).
+
+How a turn of the loop works, and why:
+
+* **Receive**: drain every valid chunk already waiting (non-blocking); only when there is
+  nothing to do, wait up to 50 ms for one. Malformed input never gets this far: the bus's
+  receiver rejects and counts it (mirrored as counter ``rejected``, event ``reject`` at most
+  once a second).
+* **Streams**: chunks of the current stream id join a work queue. A stream id never seen
+  before is a capture restart: switch to it (reset, reason ``new_stream``). An id seen before
+  that is not current belongs to a replaced stream: dropped (``dropped_stale_stream``), so a
+  flood from a stale sender can neither reset the state nor cost compute.
+* **Backlog**: the newest chunk is the present; what still waits before it is how far behind
+  live the output runs. Above ``max_backlog_ms`` the oldest queued chunks are dropped until the
+  rest fits (reset, reason ``backlog``): a pipeline that fell behind jumps back to live audio
+  instead of staying late for good.
+* **Work**, for at most ~60 ms per turn so that SIGTERM is noticed promptly: feed queued chunks
+  into the current *segment* (one continuous run of engine state) and run every engine step
+  whose input is complete. The next chunk is fed only once the previous one's complete steps
+  are done, so the chunk that completed a step is always the segment's newest one: its
+  receive time and stages go into the output.
+
+Segments. A segment has an ``origin``: engine output step ``j`` covers stream samples
+``[origin + j*C, origin + (j+1)*C)``. A segment that starts at offset 0 is primed with the
+stream's true head; one that starts at offset ``O > 0`` (after a reset, or a stream joined
+late) gets a silent head: ``origin = O - head_len``, so output stays on the chunk grid and each
+chunk is converted the moment it arrives. Priming with zeros equals the engine's
+``prime(None)``. Within a segment, a chunk that jumps ahead by at most ``max_gap_ms`` is
+preceded by zeros (``zero_filled_samples``); a longer jump resets (``gap``); a chunk that starts
+before the expected offset is a duplicate or overlap and is dropped whole
+(``dropped_duplicate``): capture's grid never overlaps, so such a chunk is a replay.
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.protocol import MAX_NAME_LEN, MAX_STAGES, AudioChunk, ProtocolError, StageRecord
+
+from .base import (MODEL_SCHEMA, Service, Setting, add_service_arguments, non_negative, one_of,
+                   parse_settings, positive, service_main)
+
+#: The ``[inference]`` table (config/pipeline.toml documents each key).
+INFERENCE_SCHEMA = {
+    "device": Setting(str, "cpu", one_of("cpu", "cuda", "auto")),
+    "threads": Setting(int, 1, lambda v: None if v >= 1 else "must be >= 1"),
+    "max_backlog_ms": Setting(float, 40.0, positive),
+    "max_gap_ms": Setting(float, 100.0, non_negative),
+}
+
+#: Counters reported from the first heartbeat on (zeros included, so dashboards see them).
+COUNTERS = ("chunks_in", "chunks_out", "resets", "dropped_inference_backlog", "dropped_inference_send",
+            "dropped_stale_stream", "dropped_duplicate", "rejected", "zero_filled_samples")
+
+NS_PER_S = 1_000_000_000
+RECV_WAIT_MS = 50        # how long an idle turn waits for input
+WORK_BUDGET_S = 0.06     # compute per turn, so a turn stays well inside ~100 ms
+WARMUP_STEPS = 5
+STATE_CHECK_EVERY = 64   # engine steps between full state checks (the output is checked every step)
+SEEN_STREAMS = 1024      # stream ids remembered as replaced
+RECENT_INPUTS = 256      # input chunks kept per segment for timestamps
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``llvc inference``'s flags: the pipeline config, plus shortcuts for its settings."""
+    add_service_arguments(p)
+    g = p.add_argument_group("model and inference settings (override [model] / [inference])")
+    g.add_argument("-p", "--checkpoint", help="LLVC checkpoint (model.checkpoint; default: untrained model)")
+    g.add_argument("-c", "--config", help="model config JSON (model.config; default config/llvc.json)")
+    g.add_argument("-n", "--chunk-factor", type=int, help="chunk = 13*16*N samples (model.chunk_factor)")
+    g.add_argument("--model-kind", help="llvc or passthrough (model.kind)")
+    g.add_argument("--device", help="cpu, cuda or auto (inference.device)")
+    g.add_argument("--threads", type=int, help="torch threads (inference.threads)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the inference service until SIGTERM/SIGINT; returns the exit status."""
+    return service_main(InferenceService, args)
+
+
+@dataclass
+class _Input:
+    """A received chunk and when this process pulled it off the socket (monotonic ns)."""
+
+    chunk: AudioChunk
+    recv_ns: int
+
+
+@dataclass
+class _Segment:
+    """One continuous run of engine state within a stream."""
+
+    origin: int                   # stream index of the engine's first output sample
+    expected: int                 # offset the next input chunk should have
+    buf: np.ndarray               # fed samples not yet consumed by prime()/process()
+    steps: int = 0                # engine steps done
+    inputs: deque = field(default_factory=lambda: deque(maxlen=RECENT_INPUTS))
+
+    def times_of(self, index: int, sample_rate: int) -> tuple[int, int]:
+        """``(t_capture_ns, t_wall_ns)`` of stream sample ``index``.
+
+        From the newest input chunk that starts at or before it, at ``sample_rate``; before the
+        segment's first chunk (a silent head), extrapolated back from that chunk.
+        """
+        ref = next((i.chunk for i in reversed(self.inputs) if i.chunk.offset <= index),
+                   self.inputs[0].chunk)
+        delta = (index - ref.offset) * NS_PER_S // sample_rate
+        return max(0, ref.t_capture_ns + delta), max(0, ref.t_wall_ns + delta)
+
+
+class InferenceService(Service):
+    """Receives capture chunks, converts them per stream, sends them on to playback."""
+
+    name = "inference"
+
+    def __init__(self, cfg, args=None):
+        super().__init__(cfg, args)
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.engine = None
+        self.receiver = self.sender = None
+        self.kind, self.model_id, self.trained = "llvc", "", False
+        self.device, self.threads = "cpu", 1
+        self.host = (socket.gethostname() or "unknown")[:MAX_NAME_LEN]
+        self.stream_id: str | None = None
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._queue: deque[_Input] = deque()
+        self._seg: _Segment | None = None
+        self._out_seq = 0
+        self._source_end: int | None = None
+        self._fresh = False                 # the next output is the first after a reset
+        self._steps_unchecked = 0
+        self._rejects_reported, self._reject_event_at = 0, -1.0
+        self._log_limits: dict[str, list] = {}
+
+    # ------------------------------------------------------------------ lifetime
+    def setup(self) -> None:
+        a = self.args or argparse.Namespace()
+        m = parse_settings(self.cfg, "model", MODEL_SCHEMA, {
+            "checkpoint": getattr(a, "checkpoint", None), "config": getattr(a, "config", None),
+            "chunk_factor": getattr(a, "chunk_factor", None), "kind": getattr(a, "model_kind", None)})
+        s = parse_settings(self.cfg, "inference", INFERENCE_SCHEMA, {
+            "device": getattr(a, "device", None), "threads": getattr(a, "threads", None)})
+        self.kind, self.threads = m.kind, s.threads
+        t0 = time.perf_counter()
+        self.engine = self._load_passthrough(m) if m.kind == "passthrough" else self._load_llvc(m, s)
+        load_s = time.perf_counter() - t0
+        table = self.cfg.services.get("model", {})
+        if any(table.get(k, MODEL_SCHEMA[k].default) != getattr(m, k) for k in ("chunk_factor", "config")):
+            self.log("warning", "-n/-c differ from the pipeline config's [model] table, which capture "
+                     "reads: chunks will be re-framed, at a latency cost; prefer --set model.*",
+                     chunk_factor=m.chunk_factor, config=m.config)
+        step_s = self._warm_up()
+        sr = self.engine.sample_rate
+        self.max_backlog = max(1, round(s.max_backlog_ms * sr / 1000))
+        self.max_gap = round(s.max_gap_ms * sr / 1000)
+        # Bind last: while the model loads, capture's sends fail (counted there) instead of
+        # piling up stale audio in our queue.
+        bus = self.open_bus()
+        self.receiver = bus.audio_receiver("audio_in", expect_rate=sr)
+        self.sender = bus.audio_sender("audio_out")
+        self.ready = True
+        self.log("info", "ready", model=self.model_id, kind=self.kind, device=self.device,
+                 threads=self.threads, chunk_len=self.engine.chunk_len,
+                 latency_ms=1000 * self.engine.latency_s, load_s=load_s, warm_step_ms=1000 * step_s)
+
+    def _load_passthrough(self, m):
+        from models.config import load_config
+        from models.passthrough import PassthroughEngine
+
+        self.model_id, self.trained = "passthrough", True
+        return PassthroughEngine.from_config(load_config(m.config or None), m.chunk_factor)
+
+    def _load_llvc(self, m, s):
+        import torch
+
+        from models.checkpoint import load_model
+        from models.streaming import StreamingEngine
+
+        # One thread by default: see models/convert.py on OpenMP workers under contention.
+        torch.set_num_threads(s.threads)
+        device = s.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("inference.device = cuda: no CUDA device is available to torch")
+        self.device = device
+        warnings: list[str] = []
+        model, info = load_model(m.checkpoint or None, m.config or None, warn=warnings.append)
+        for text in warnings:
+            self.log("warning", text, model=info.model_id)
+        self.model_id, self.trained = info.model_id[:MAX_NAME_LEN], info.trained
+        return StreamingEngine(model, m.chunk_factor, device)
+
+    def _warm_up(self) -> float:
+        """A few steps on low noise so the first real chunk is not slow; the last step's time."""
+        e = self.engine
+        x = (np.random.default_rng(0).standard_normal(e.chunk_len) * 0.01).astype(np.float32)
+        e.reset()
+        e.prime(None)
+        step_s = 0.0
+        for _ in range(WARMUP_STEPS):
+            t0 = time.perf_counter()
+            e.process(x)
+            step_s = time.perf_counter() - t0
+        e.reset()
+        return step_s
+
+    def teardown(self) -> None:
+        self.close_bus()
+        self.receiver = self.sender = None
+
+    def status(self) -> dict:
+        e = self.engine
+        geometry = {} if e is None else {
+            "chunk_len": e.chunk_len, "algorithmic_latency_ms": 1000 * e.algorithmic_latency_s,
+            "latency_ms": 1000 * e.latency_s}
+        return {"model": self.model_id, "untrained": not self.trained, "kind": self.kind, **geometry,
+                "device": self.device, "threads": self.threads, "stream_id": self.stream_id}
+
+    # ------------------------------------------------------------------ the loop
+    def loop_once(self) -> None:
+        start = time.monotonic()
+        batch = self.receiver.drain()
+        if not batch and not self._has_work():
+            first = self.receiver.recv(timeout_ms=RECV_WAIT_MS)
+            if first is not None:
+                batch = [first, *self.receiver.drain()]
+        recv_ns = time.monotonic_ns()
+        self._report_rejects()
+        for c in batch:
+            self._accept(c, recv_ns)
+        self._limit_backlog()
+        deadline = start + WORK_BUDGET_S
+        while self._work_one() and time.monotonic() < deadline:
+            pass
+
+    def _has_work(self) -> bool:
+        return bool(self._queue) or self._pending() >= self.engine.chunk_len
+
+    def _report_rejects(self) -> None:
+        total = self.receiver.rejected
+        if total == self._rejects_reported:
+            return
+        self.counters["rejected"] = total
+        now = time.monotonic()
+        if now - self._reject_event_at >= 1.0:
+            new = total - self._rejects_reported
+            reason = self.receiver.last_reject
+            self.event("reject", count=new, total=total, reason=reason)
+            self.log("warning", "rejected input", count=new, total=total, reason=reason)
+            self._rejects_reported, self._reject_event_at = total, now
+
+    def _accept(self, c: AudioChunk, recv_ns: int) -> None:
+        """Queue a chunk of the current stream, switch to a new stream, or drop a stale one."""
+        self.count("chunks_in")
+        if c.stream_id != self.stream_id:
+            if c.stream_id in self._seen:
+                self.count("dropped_stale_stream")
+                return
+            self._switch_stream(c)
+        self._queue.append(_Input(c, recv_ns))
+
+    def _switch_stream(self, c: AudioChunk) -> None:
+        if self._queue:  # the replaced stream's unprocessed chunks are stale now
+            self.count("dropped_stale_stream", len(self._queue))
+            self._queue.clear()
+        self._seen[c.stream_id] = None
+        while len(self._seen) > SEEN_STREAMS:
+            self._seen.popitem(last=False)
+        previous, self.stream_id = self.stream_id, c.stream_id
+        self._out_seq, self._source_end = 0, None
+        self.log("info", "new stream", stream_id=c.stream_id, previous=previous, offset=c.offset)
+        self._reset("new_stream", c.offset)
+
+    def _reset(self, reason: str, offset: int) -> None:
+        """Forget the engine state; the next chunk fed starts a new segment."""
+        self._seg = None
+        self.engine.reset()
+        self._fresh = True
+        self.count("resets")
+        self.event("reset", stream_id=self.stream_id, reason=reason, offset=offset)
+        if reason != "new_stream":
+            self._log_limited(reason, "stream state reset", reason=reason, stream_id=self.stream_id,
+                              offset=offset)
+
+    def _log_limited(self, key: str, message: str, **fields) -> None:
+        """A warning line, at most one per second per ``key`` (with how many were held back)."""
+        now = time.monotonic()
+        last, held = self._log_limits.get(key, (-1.0, 0))
+        if now - last < 1.0:
+            self._log_limits[key] = [last, held + 1]
+            return
+        self._log_limits[key] = [now, 0]
+        self.log("warning", message, **fields, **({"suppressed": held} if held else {}))
+
+    def _pending(self) -> int:
+        """Samples fed into the current segment and not yet converted."""
+        return len(self._seg.buf) if self._seg is not None else 0
+
+    def _waiting_samples(self) -> int:
+        return self._pending() + sum(i.chunk.n_samples for i in self._queue)
+
+    def _limit_backlog(self) -> None:
+        """Jump back to live audio when the work waiting before the newest chunk is too much.
+
+        The newest chunk is the present; everything still unprocessed before it (the segment's
+        pending samples and older queued chunks) is how far behind live the output runs. Above
+        ``max_backlog`` the oldest queued chunks are dropped until what is left before the
+        newest fits, and the state is reset (any pending samples go with it).
+        """
+        if not self._queue:
+            return
+        sizes = [i.chunk.n_samples for i in self._queue]
+        if self._pending() + sum(sizes[:-1]) <= self.max_backlog:
+            return
+        keep, kept = 1, 0
+        for n in reversed(sizes[:-1]):
+            if kept + n > self.max_backlog:
+                break
+            keep, kept = keep + 1, kept + n
+        drop = len(sizes) - keep
+        for _ in range(drop):
+            self._queue.popleft()
+        self.count("dropped_inference_backlog", drop)
+        self._reset("backlog", self._queue[0].chunk.offset)
+
+    def _work_one(self) -> bool:
+        """One engine step, or feeding one queued chunk; False when there is nothing to do."""
+        if self._pending() >= self.engine.chunk_len:
+            self._step()
+        elif self._queue:
+            self._feed(self._queue.popleft())
+        else:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ segments
+    def _start_segment(self, offset: int) -> _Segment:
+        origin = max(0, offset - self.engine.head_len)
+        # Samples between origin and offset are the silent head (none at offset 0).
+        self._seg = _Segment(origin, offset, np.zeros(offset - origin, np.float32))
+        return self._seg
+
+    def _feed(self, item: _Input) -> None:
+        """Append a chunk to the current segment (zero-filling a short gap), priming if due."""
+        c = item.chunk
+        seg = self._seg if self._seg is not None else self._start_segment(c.offset)
+        gap = c.offset - seg.expected
+        if gap < 0:
+            self.count("dropped_duplicate")
+            return
+        if gap > self.max_gap:
+            self._reset("gap", c.offset)
+            seg, gap = self._start_segment(c.offset), 0
+        if gap:
+            self.count("zero_filled_samples", gap)
+        seg.buf = np.concatenate([seg.buf, np.zeros(gap, np.float32), c.samples])
+        seg.expected = c.end
+        seg.inputs.append(item)
+        if c.source_end is not None:
+            self._source_end = c.source_end
+        e = self.engine
+        if not e.primed and len(seg.buf) >= e.head_len:
+            e.prime(seg.buf[:e.head_len])
+            seg.buf = seg.buf[e.head_len:]
+
+    def _step(self) -> None:
+        """Convert the segment's next ``chunk_len`` samples and send them."""
+        seg, e = self._seg, self.engine
+        C = e.chunk_len
+        x, seg.buf = seg.buf[:C], seg.buf[C:]
+        offset = seg.origin + seg.steps * C
+        seg.steps += 1
+        t0 = time.perf_counter_ns()
+        y = e.process(x)
+        proc_ns = time.perf_counter_ns() - t0
+        self._steps_unchecked += 1
+        check_state = self._steps_unchecked >= STATE_CHECK_EVERY
+        if check_state:
+            self._steps_unchecked = 0
+        if not np.isfinite(y).all() or (check_state and not e.state_is_finite()):
+            self._reset("non_finite", offset)
+            return
+        last = seg.inputs[-1]  # the chunk that completed this step (see the module docstring)
+        t_capture, t_wall = seg.times_of(offset, e.sample_rate)
+        fresh, self._fresh = self._fresh, False
+        stage = StageRecord("inference", self.host, last.recv_ns, time.monotonic_ns(), proc_ns,
+                            self.model_id, fresh)
+        out = AudioChunk(self.stream_id, self._out_seq, t_capture, t_wall, y, e.sample_rate, "f32le",
+                         last.chunk.stages[-(MAX_STAGES - 1):] + (stage,), offset, self._source_end)
+        try:
+            sent = self.sender.send(out)
+        except ProtocolError as exc:  # a header from the wire that cannot go back out (offset near 2**63)
+            sent = False
+            self._log_limited("unsendable", "cannot send output", error=str(exc))
+        self.count("chunks_out" if sent else "dropped_inference_send")
+        self.telemetry.chunk_timing(stream_id=self.stream_id, seq=self._out_seq, offset=offset,
+                                    proc_ms=proc_ns / 1e6, rtf=e.chunk_s * NS_PER_S / max(proc_ns, 1),
+                                    queue_chunks=self._waiting_samples() / C, reset=fresh)
+        self._out_seq += 1

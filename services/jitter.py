@@ -1,0 +1,322 @@
+"""The playback jitter buffer: samples keyed by stream offset, played on a fixed timeline.
+
+Pure logic: no sockets, no clocks. Times come in as arguments (``CLOCK_MONOTONIC`` ns), so the
+tests drive it sample by sample. One writer (the service's socket loop, :meth:`JitterBuffer.put`)
+and one reader (the sink, :meth:`JitterBuffer.read`) may live on different threads; each call
+holds a short lock and does a bounded amount of numpy work, nothing that blocks.
+
+Timeline (see ``services/__init__.py``): the first chunk of a stream sets the read position to
+its offset and the stream starts playing ``target_ms`` after that chunk arrived. From then on
+every read consumes exactly ``n`` positions, whatever is there, so output sample ``k`` after the
+start is always stream sample ``first_offset + k``: missing audio becomes silence in its place,
+and audio that arrives after its place was played is dropped as late. That is what keeps e2e
+latency constant and a file sink aligned with the source.
+
+Storage is a ring of ``max_ms`` (plus a second of headroom for reads) with a validity mask:
+position ``p`` lives at ``p % capacity``. The overflow rule (buffered-ahead audio never exceeds
+``max_ms``) is applied *before* a chunk is stored, so stored positions never alias.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+#: After this long with nothing to play a stream counts as stalled (a live capture that went
+#: away): its silence is no longer counted as underrun samples, which would otherwise grow
+#: without bound and drown the real glitches in the monitor's figures.
+STALL_MS = 500.0
+#: Stream ids remembered after they were replaced or drained, so stragglers are ignored
+#: instead of switching the output back to an old stream.
+RETIRED_STREAMS = 8
+
+
+@dataclass
+class JitterStats:
+    """Cumulative counts (the service reports them as its counters under these names)."""
+
+    streams: int = 0             # streams started
+    chunks_played: int = 0       # chunks whose first sample reached the output
+    dropped_late: int = 0        # chunks wholly or partly dropped because their place was played
+    late_samples: int = 0        # samples those drops removed
+    dropped_overflow: int = 0    # overflow corrections (fill above max_ms)
+    overflow_samples: int = 0    # buffered samples they discarded
+    dropped_old_stream: int = 0  # chunks of a stream already replaced or drained
+    underruns: int = 0           # runs of invented samples inside an active stream
+    underrun_samples: int = 0    # samples invented inside an active stream
+    lost_samples: int = 0        # of those, samples no chunk was ever sent for (offset gaps)
+    drained: int = 0             # streams whose source_end was played
+
+
+@dataclass(frozen=True)
+class ChunkStart:
+    """A chunk whose first sample is in a read block, at ``index`` within the block."""
+
+    index: int
+    stream_id: str
+    seq: int
+    offset: int
+    t_capture_ns: int
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What :meth:`JitterBuffer.put` did with a chunk."""
+
+    new_stream: bool = False
+    stored: int = 0      # samples kept
+    late: int = 0        # samples dropped as late
+    overflow: int = 0    # buffered samples dropped by an overflow correction this put caused
+    ignored: bool = False  # a chunk of an old stream, or entirely past the stream's end
+
+
+@dataclass
+class ReadResult:
+    """What one :meth:`JitterBuffer.read` block holds.
+
+    ``out[stream_index : stream_index + stream_samples]`` are stream positions
+    ``stream_offset ...`` of ``stream_id`` (real or invented); the rest of the block is silence
+    outside any stream (before playout start, after ``source_end``, no stream).
+    """
+
+    stream_id: str | None = None
+    stream_index: int = 0
+    stream_offset: int = 0
+    stream_samples: int = 0
+    starts: list[ChunkStart] = field(default_factory=list)
+    underruns: int = 0         # underrun events that began in this block
+    invented: int = 0          # underrun samples in this block
+    started: bool = False      # the stream's playout began in this block
+    drained: tuple[str, int] | None = None  # (stream_id, source_end) once, when it was passed
+
+
+def ms_to_samples(ms: float, sr: int = SAMPLE_RATE) -> int:
+    """Milliseconds as a whole number of samples (rounded)."""
+    return int(round(ms * sr / 1000.0))
+
+
+class JitterBuffer:
+    """See the module docstring. All positions are stream sample offsets."""
+
+    def __init__(self, target_ms: float, max_ms: float, fade_ms: float, sample_rate: int = SAMPLE_RATE):
+        if not 0 <= target_ms < max_ms:
+            raise ValueError(f"need 0 <= target_ms < max_ms, got {target_ms} and {max_ms}")
+        self.sr = sample_rate
+        self.target = ms_to_samples(target_ms, sample_rate)
+        self.target_ns = int(target_ms * 1e6)
+        self.max = max(ms_to_samples(max_ms, sample_rate), self.target + 1)
+        self.stall = ms_to_samples(STALL_MS, sample_rate)
+        # The fade is a gain that moves by `step` per sample: fade_ms 0 means an immediate cut.
+        self.step = 1.0 / max(1, ms_to_samples(fade_ms, sample_rate))
+        self.capacity = self.max + sample_rate
+        self._data = np.zeros(self.capacity, np.float32)
+        self._valid = np.zeros(self.capacity, bool)
+        self._lock = threading.Lock()
+        self.stats = JitterStats()
+        self._retired: dict[str, bool] = {}  # stream id -> drained (else replaced)
+        self._gain = 1.0      # output gain: 1 while audio flows, fades on invented samples
+        self._hold = 0.0      # last real sample, what a fade-out starts from
+        self._inventing = False
+        self._dry = 0         # invented samples in a row
+        self._clear_stream()
+
+    # ------------------------------------------------------------------ state
+    def _clear_stream(self) -> None:
+        self.stream_id: str | None = None
+        self.read_pos = 0
+        self.newest_end = 0
+        self.source_end: int | None = None
+        self.playing = False
+        self._start_ns = 0
+        self._starts: dict[int, tuple[str, int, int]] = {}  # offset -> (stream, seq, t_capture)
+        self._valid[:] = False
+
+    def _retire(self, drained: bool = False) -> None:
+        if self.stream_id is not None:
+            self._retired[self.stream_id] = drained
+            while len(self._retired) > RETIRED_STREAMS:
+                del self._retired[next(iter(self._retired))]
+        self._clear_stream()
+
+    @property
+    def fill(self) -> int:
+        """Buffered-ahead samples: newest data's end minus the read position (0 if none)."""
+        return max(0, self.newest_end - self.read_pos) if self.stream_id is not None else 0
+
+    @property
+    def fill_ms(self) -> float:
+        """:attr:`fill` in milliseconds."""
+        return self.fill * 1000.0 / self.sr
+
+    def _slots(self, start: int, n: int) -> np.ndarray:
+        return (start + np.arange(n)) % self.capacity
+
+    def _discard(self, start: int, stop: int) -> int:
+        """Forget positions [start, stop); returns how many of them held data."""
+        if stop <= start:
+            return 0
+        if stop - start >= self.capacity:
+            had = int(self._valid.sum())
+            self._valid[:] = False
+        else:
+            idx = self._slots(start, stop - start)
+            had = int(self._valid[idx].sum())
+            self._valid[idx] = False
+        for off in [o for o in self._starts if o < stop]:
+            del self._starts[off]
+        return had
+
+    # ------------------------------------------------------------------ writer
+    def put(self, stream_id: str, offset: int, samples: np.ndarray, arrival_ns: int, *, seq: int = 0,
+            t_capture_ns: int = 0, source_end: int | None = None) -> PutResult:
+        """Store a chunk that arrived at ``arrival_ns``; see the module docstring for the rules."""
+        with self._lock:
+            return self._put(stream_id, int(offset), samples, arrival_ns, seq, t_capture_ns, source_end)
+
+    def _put(self, stream_id, offset, samples, arrival_ns, seq, t_capture_ns, source_end) -> PutResult:
+        new = False
+        if stream_id != self.stream_id:
+            if stream_id in self._retired:
+                # After a drain the capture's padding chunks still come: expected, not a drop.
+                if not self._retired[stream_id]:
+                    self.stats.dropped_old_stream += 1
+                return PutResult(ignored=True)
+            self._retire()  # the old stream's remaining audio goes with it
+            self.stream_id = stream_id
+            self.read_pos = self.newest_end = offset
+            self._start_ns = arrival_ns + self.target_ns
+            self.stats.streams += 1
+            new = True
+        if source_end is not None and self.source_end is None:
+            self.source_end = int(source_end)
+        end = offset + len(samples)
+        if self.source_end is not None:
+            end = min(end, self.source_end)  # what lies past the source's end is never played
+        if end <= offset:
+            return PutResult(new_stream=new, ignored=True)
+
+        if offset > self.newest_end and self.playing:
+            # An offset gap: whatever of it was already played as silence was lost upstream
+            # (the rest is counted when it is played, see _play).
+            self.stats.lost_samples += max(0, min(offset, self.read_pos) - self.newest_end)
+        self.newest_end = max(self.newest_end, end)  # late data still shows what was sent
+        late = 0
+        if offset < self.read_pos:
+            late = min(end, self.read_pos) - offset
+            self.stats.dropped_late += 1
+            self.stats.late_samples += late
+            if end <= self.read_pos:
+                return PutResult(new_stream=new, late=late)
+
+        overflow = 0
+        if self.newest_end - self.read_pos > self.max:
+            new_pos = self.newest_end - self.target
+            # Dropped: what was buffered below the new position, and this chunk's part below it.
+            overflow = (self._discard(self.read_pos, new_pos)
+                        + max(0, min(end, new_pos) - max(offset, self.read_pos)))
+            self.read_pos = new_pos
+            self.stats.dropped_overflow += 1
+            self.stats.overflow_samples += overflow
+
+        first = max(offset, self.read_pos)
+        if first < end:
+            idx = self._slots(first, end - first)
+            self._data[idx] = samples[first - offset:end - offset]
+            self._valid[idx] = True
+            if first == offset:
+                self._starts[offset] = (stream_id, seq, t_capture_ns)
+        return PutResult(new_stream=new, stored=max(0, end - first), late=late, overflow=overflow)
+
+    # ------------------------------------------------------------------ reader
+    def read(self, n: int, out: np.ndarray, t_out_ns: int) -> ReadResult:
+        """Fill ``out[:n]`` with the next ``n`` output samples; ``out[0]`` plays at ``t_out_ns``.
+
+        Always consumes ``n`` positions of a playing stream (the timeline never stalls).
+        """
+        if not 0 < n <= self.capacity - self.max:
+            raise ValueError(f"read size must be 1..{self.capacity - self.max}, got {n}")
+        with self._lock:
+            res = ReadResult()
+            k = 0  # where this block's stream samples begin
+            if self.stream_id is not None and not self.playing:
+                # Playout starts at the first sample whose output time is >= start time.
+                wait = math.ceil((self._start_ns - t_out_ns) * self.sr / 1e9)
+                if wait < n:
+                    k = max(0, wait)
+                    self._fade(out[:k])  # whatever played before still fades out
+                    self.playing, res.started = True, True
+                    self._gain, self._hold = 1.0, 0.0  # a stream starts as it is, no fade-in
+                    self._inventing, self._dry = False, 0
+            if not self.playing:
+                self._fade(out[:n])
+                return res
+            m = n - k
+            pos = self.read_pos
+            in_stream = m if self.source_end is None else max(0, min(m, self.source_end - pos))
+            res.stream_id, res.stream_offset = self.stream_id, pos
+            res.stream_index, res.stream_samples = k, in_stream
+            if in_stream:
+                self._play(out[k:k + in_stream], pos, res)
+                for off in [o for o in self._starts if o < pos + in_stream]:
+                    sid, seq, t_cap = self._starts.pop(off)
+                    res.starts.append(ChunkStart(k + off - pos, sid, seq, off, t_cap))
+                self.stats.chunks_played += len(res.starts)
+            self._fade(out[k + in_stream:n])
+            self.read_pos = pos + m
+            if self.source_end is not None and self.read_pos >= self.source_end:
+                res.drained = (self.stream_id, self.source_end)
+                self.stats.drained += 1
+                self._retire(drained=True)
+            return res
+
+    def _play(self, out: np.ndarray, pos: int, res: ReadResult) -> None:
+        """Stream positions [pos, pos + len(out)): real samples, or a fade over the gaps."""
+        m = len(out)
+        idx = self._slots(pos, m)
+        valid = self._valid[idx]
+        out[:] = self._data[idx]
+        self._valid[idx] = False
+        if self._gain == 1.0 and valid.all():  # the common case: a plain copy
+            self._hold = float(out[-1])
+            self._inventing, self._dry = False, 0
+            return
+        # Walk the runs of real and missing samples, moving the gain by `step` per sample.
+        edges = np.flatnonzero(valid[1:] != valid[:-1]) + 1
+        bounds = [0, *edges.tolist(), m]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            ramp = np.arange(1, b - a + 1, dtype=np.float64) * self.step
+            if valid[a]:
+                if self._gain < 1.0:
+                    out[a:b] *= np.minimum(1.0, self._gain + ramp).astype(np.float32)
+                    self._gain = min(1.0, self._gain + ramp[-1])
+                self._hold = float(self._data[idx[b - 1]])
+                self._inventing, self._dry = False, 0
+                continue
+            self._fade(out[a:b])
+            if not self._inventing:
+                self._inventing = True
+                self.stats.underruns += 1
+                res.underruns += 1
+            counted = max(0, min(b - a, self.stall - self._dry))
+            self._dry += b - a
+            self.stats.underrun_samples += counted
+            res.invented += counted
+            # Positions below the newest data are holes: their chunks never came.
+            self.stats.lost_samples += max(0, min(pos + b, self.newest_end) - (pos + a))
+
+    def _fade(self, out: np.ndarray) -> None:
+        """Invented output: a linear fade from the last real sample down to silence."""
+        n = len(out)
+        if n == 0:
+            return
+        if self._gain <= 0.0 or self._hold == 0.0:
+            out[:] = 0.0
+            self._gain = 0.0
+            return
+        ramp = self._gain - np.arange(1, n + 1, dtype=np.float64) * self.step
+        np.maximum(ramp, 0.0, out=ramp)
+        out[:] = (self._hold * ramp).astype(np.float32)
+        self._gain = float(ramp[-1])

@@ -1,0 +1,421 @@
+"""The monitor against real telemetry PUB sockets: figures, counters across restarts, liveness,
+status lines, /metrics, the report, malformed input, and the CLI's failure modes."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from bus_helpers import endpoint_overrides, free_port, make_config, wait_until
+from common.bus import Bus
+from common.protocol import encode, make_telemetry
+from services.monitor import MonitorService
+from services.stats import CounterLedger, LogHistogram
+
+LLVC = Path(sys.executable).parent / "llvc"
+REPORT_KEYS = {"chunks", "e2e_latency_ms", "underruns", "dropped", "resets", "inference_ms", "rtf",
+               "algorithmic_latency_ms", "latency_ms", "model", "queue", "services", "rejected",
+               "duration_s", "started_wall"}
+
+
+class Monitor:
+    """A MonitorService in a thread (setup; loop_once until stopped; teardown), like run_service."""
+
+    def __init__(self, cfg):
+        self.svc = MonitorService(cfg)
+        self.error: BaseException | None = None
+        self._up = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            self.svc.setup()
+            self._up.set()
+            while not self.svc.stop_requested:
+                self.svc.loop_once()
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the test
+            self.error = exc
+        finally:
+            self._up.set()
+            self.svc.teardown()
+
+    def report(self) -> dict:
+        if self.error:
+            raise self.error
+        assert "handle_errors" not in self.svc.counters, self.svc._last_handle_error
+        return self.svc.report()
+
+    def __enter__(self) -> "Monitor":
+        self.thread.start()
+        assert self._up.wait(10)
+        if self.error:
+            raise self.error
+        assert self.svc.ready
+        return self
+
+    def __exit__(self, *exc):
+        self.svc.request_stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        if self.error and not exc[0]:
+            raise self.error
+
+
+class Fake:
+    """A fake service: its real telemetry PUB, publishing contract messages under chosen pids."""
+
+    def __init__(self, cfg, service: str):
+        self.service = service
+        self.bus = Bus(cfg, service)
+        self.pub = self.bus.publisher()
+
+    def send(self, type_: str, data: dict, pid: int = 4242) -> None:
+        assert self.pub.publish_message(replace(make_telemetry(self.service, type_, data), pid=pid))
+
+    def heartbeat(self, pid: int, counters: dict | None = None, uptime_s: float = 1.0, **status) -> None:
+        self.send("heartbeat", {"ready": True, "uptime_s": uptime_s, "counters": counters or {}, **status}, pid)
+
+    def connect(self, mon: Monitor) -> None:
+        """Publish an event until the monitor counts it: past ZeroMQ's slow-joiner window."""
+        def seen():
+            self.send("event", {"event": "hello"})
+            return mon.report()["events"].get(f"{self.service}.hello", 0) > 0
+        assert wait_until(seen, timeout=10, interval=0.05), f"monitor never heard {self.service}"
+
+    def close(self):
+        self.bus.close()
+
+
+@pytest.fixture
+def fakes():
+    made = []
+
+    def make(cfg, *services):
+        out = [Fake(cfg, s) for s in services]
+        made.extend(out)
+        return out
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def listener(cfg, topic: str = "event.monitor"):
+    """A SUB on the monitor's own telemetry (what a dashboard would see)."""
+    bus = Bus(cfg, "tap")
+    return bus, bus.subscriber([topic], endpoints=["telemetry_monitor"])
+
+
+def wait_event(sub, pred, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = sub.recv(timeout_ms=100)
+        if msg is not None and pred(msg.data):
+            return msg.data
+    raise AssertionError("event not seen")
+
+
+E2E = list(range(1, 101))   # 1..100 ms: numpy's linear p50 50.5, p95 95.05, p99 99.01
+PROC = list(range(1, 11))   # 1..10 ms: mean 5.5, so rtf = 13 ms / 5.5 ms
+
+
+def publish_run(mon: Monitor, inference: Fake, playback: Fake) -> None:
+    """A known little run: model heartbeat, 10 inference chunks, 100 played chunks, some counters."""
+    inference.connect(mon)
+    playback.connect(mon)
+    inference.heartbeat(500, {"resets": 1}, model="llvc-test", untrained=True, chunk_len=208,
+                        algorithmic_latency_ms=14.0, latency_ms=17.5, device="cpu")
+    for i, ms in enumerate(PROC):
+        inference.send("chunk", {"stream_id": "s", "seq": i, "offset": 16 + 208 * i, "proc_ms": float(ms),
+                                 "rtf": 13.0 / ms, "queue_chunks": i, "reset": i == 0}, 500)
+    shuffled = E2E[:]
+    random.Random(1).shuffle(shuffled)
+    for i, ms in enumerate(shuffled):
+        playback.send("chunk", {"stream_id": "s", "seq": i, "offset": 16 + 208 * i, "e2e_ms": float(ms),
+                                "fill_ms": 4.0}, 600)
+    playback.heartbeat(600, {"underruns": 2, "dropped_late": 3, "rejected": 0})
+    assert wait_until(lambda: mon.report()["chunks"] == 100 and mon.report()["underruns"] == 2, timeout=10)
+
+
+# ------------------------------------------------------------------------------ pure stats
+def test_log_histogram_matches_numpy_within_its_resolution():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.lognormal(3.0, 0.3, 20_000), [0.0, 0.0005, 250.0]])
+    h = LogHistogram()
+    for v in values:
+        h.add(float(v))
+    qs = [0.0, 0.01, 0.5, 0.95, 0.99, 0.999, 1.0]
+    for q, got, want in zip(qs, h.quantiles(qs), np.quantile(values, qs)):
+        assert got == pytest.approx(want, rel=6e-4, abs=1e-3), q
+    assert h.max == 250.0 and h.min == 0.0 and h.mean == pytest.approx(values.mean())
+    assert LogHistogram().quantiles([0.5]) == [None]
+
+
+def test_ledger_sums_processes_and_notices_a_reused_pid():
+    ledger = CounterLedger()
+    assert ledger.update("playback", "h", 7, {"underruns": 1}, uptime_s=1.0)
+    assert not ledger.update("playback", "h", 7, {"underruns": 4}, uptime_s=2.0)
+    assert ledger.update("playback", "h", 7, {"underruns": 1}, uptime_s=0.2)   # same pid, new process
+    assert ledger.update("playback", "other-host", 7, {"underruns": 10})
+    assert ledger.total("underruns") == 4 + 1 + 10
+
+
+# ------------------------------------------------------------------------------ service
+def test_percentiles_and_report_written_on_teardown(tmp_path, fakes):
+    path = tmp_path / "report.json"
+    cfg = make_config("tcp", "monitor.metrics_port=0", f"monitor.report={path}")
+    inference, playback = fakes(cfg, "inference", "playback")
+    with Monitor(cfg) as mon:
+        publish_run(mon, inference, playback)
+        live = mon.report()
+        # The rolling window keeps exact samples: numpy's figures to the digit.
+        assert live["window"]["e2e_latency_ms"] == {"p50": 50.5, "p95": 95.05, "p99": 99.01, "max": 100.0}
+    assert sorted(os.listdir(tmp_path)) == ["report.json"]  # atomic: no temp file left behind
+    report = json.loads(path.read_text())
+    assert REPORT_KEYS <= set(report)
+    e2e = report["e2e_latency_ms"]  # whole run: log histogram, within 0.05 %
+    assert e2e["p50"] == pytest.approx(50.5, abs=0.03)
+    assert e2e["p95"] == pytest.approx(95.05, abs=0.05)
+    assert e2e["p99"] == pytest.approx(99.01, abs=0.05)
+    assert e2e["max"] == 100.0
+    assert report["chunks"] == 100
+    assert report["inference_ms"]["p50"] == pytest.approx(5.5, abs=0.01)
+    assert report["inference_ms"]["p95"] == pytest.approx(9.55, abs=0.01)
+    assert report["rtf"] == pytest.approx(13.0 / 5.5, abs=1e-3)
+    assert report["queue"]["inference_chunks_p95"] == pytest.approx(8.55, abs=0.01)
+    assert report["queue"]["playback_fill_ms_p50"] == 4.0
+    assert report["underruns"] == 2 and report["dropped"] == {"late": 3} and report["resets"] == 1
+    assert report["algorithmic_latency_ms"] == 14.0 and report["latency_ms"] == 17.5
+    assert report["model"]["id"] == "llvc-test" and report["model"]["untrained"] is True
+    assert report["model"]["kind"] == "llvc"
+    assert report["services"]["inference"]["up"] and report["services"]["inference"]["pids"] == [500]
+    assert report["services"]["capture"] == {"up": False, "ready": False, "state": "unseen", "restarts": 0,
+                                             "last_seen_s_ago": None, "pids": []}
+    assert report["rejected"] == {"inference": 0, "playback": 0, "monitor": 0}
+    assert report["duration_s"] > 0 and re.match(r"\d{4}-\d\d-\d\dT", report["started_wall"])
+
+
+def test_counters_summed_across_restarts_without_double_counting(fakes):
+    cfg = make_config("tcp", "monitor.metrics_port=0")
+    capture, inference, playback = fakes(cfg, "capture", "inference", "playback")
+    with Monitor(cfg) as mon:
+        for f in (capture, inference, playback):
+            f.connect(mon)
+        # One process sends growing cumulative counters: only its latest figures count.
+        for uptime, (backlog, resets, rejected) in enumerate([(1, 1, 0), (3, 2, 1), (5, 2, 2)], 1):
+            inference.heartbeat(1001, {"dropped_inference_backlog": backlog, "resets": resets,
+                                       "rejected": rejected}, uptime_s=float(uptime))
+        # Restarted (new pid): counts from zero again; the old process's counts are kept.
+        for _ in range(3):
+            inference.heartbeat(1002, {"dropped_inference_backlog": 2, "resets": 1, "rejected": 1}, uptime_s=0.5)
+        capture.heartbeat(2001, {"dropped_capture_send": 4})
+        playback.heartbeat(3001, {"underruns": 3, "dropped_late": 2, "dropped_overflow": 1})
+        want = {"capture_send": 4, "inference_backlog": 7, "late": 2, "overflow": 1}
+        assert wait_until(lambda: mon.report()["dropped"] == want and mon.report()["underruns"] == 3, timeout=10), \
+            mon.report()["dropped"]
+        report = mon.report()
+    assert report["resets"] == 3
+    assert report["rejected"]["inference"] == 3
+    assert report["services"]["inference"]["restarts"] == 1
+    assert report["services"]["inference"]["pids"] == [1001, 1002]
+    assert report["services"]["capture"]["restarts"] == 0
+
+
+def test_stale_after_missed_heartbeats_then_back(fakes):
+    cfg = make_config("tcp", "monitor.metrics_port=0", "bus.heartbeat_interval_s=0.2")
+    (capture,) = fakes(cfg, "capture")
+    lbus, events = listener(cfg)
+    try:
+        with Monitor(cfg) as mon:
+            capture.connect(mon)
+            for _ in range(5):
+                capture.heartbeat(4001)
+                time.sleep(0.1)
+            last = time.monotonic()
+            assert mon.report()["services"]["capture"]["up"]
+            stale = wait_event(events, lambda d: d["event"] == "service_stale")
+            waited = time.monotonic() - last
+            assert stale["service"] == "capture" and stale["pid"] == 4001
+            assert 0.5 <= waited <= 4.0  # 3 missed 0.2 s heartbeats (+ half a period of slack)
+            assert mon.report()["services"]["capture"]["state"] == "stale"
+            assert mon.report()["services"]["capture"]["up"] is False
+
+            capture.heartbeat(4002, uptime_s=0.1)  # supervisord restarted it
+            back = wait_event(events, lambda d: d["event"] == "service_back")
+            assert back == {"event": "service_back", "service": "capture", "pid": 4002, "restarted": True}
+            # Stale again and back with the same process: not a restart.
+            wait_event(events, lambda d: d["event"] == "service_stale")
+            capture.heartbeat(4002, uptime_s=3.0)
+            back = wait_event(events, lambda d: d["event"] == "service_back")
+            assert back["restarted"] is False
+            svc = mon.report()["services"]["capture"]
+            assert svc["up"] and svc["restarts"] == 1 and svc["pids"] == [4001, 4002]
+    finally:
+        lbus.close()
+
+
+def test_status_line_published_as_event(fakes):
+    cfg = make_config("tcp", "monitor.metrics_port=0", "monitor.status_interval_s=0.2")
+    inference, playback = fakes(cfg, "inference", "playback")
+    lbus, events = listener(cfg)
+    try:
+        with Monitor(cfg) as mon:
+            first = wait_event(events, lambda d: d["event"] == "status")["line"]
+            assert first.startswith("e2e p50 — p99 — ms | inf — ms rtf — | underruns 0 drops 0 resets 0 |")
+            assert first.endswith("capture — inference — playback —")
+            inference.connect(mon)
+            playback.connect(mon)
+            inference.heartbeat(11, {"resets": 1}, chunk_len=208)
+            inference.send("chunk", {"proc_ms": 4.0, "rtf": 3.25, "queue_chunks": 0}, 11)
+            for ms in (10.0, 20.0, 30.0):
+                playback.send("chunk", {"e2e_ms": ms, "fill_ms": 4.0}, 12)
+            playback.heartbeat(12, {"underruns": 1, "dropped_late": 2})
+            line = wait_event(events, lambda d: d["event"] == "status" and "p50 20.0" in d["line"]
+                              and "underruns 1" in d["line"])["line"]
+    finally:
+        lbus.close()
+    assert line == ("e2e p50 20.0 p99 29.8 ms | inf 4.0 ms rtf 3.2 | underruns 1 drops 2 resets 1 | "
+                    "capture — inference ok playback ok")
+
+
+def test_metrics_served_from_a_private_registry(fakes):
+    port = free_port()
+    cfg = make_config("tcp", f"monitor.metrics_port={port}")
+    inference, playback = fakes(cfg, "inference", "playback")
+    with Monitor(cfg) as mon:
+        publish_run(mon, inference, playback)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("llvc_e2e_latency_ms", (("quantile", "0.5"),))] == 50.5
+    assert samples[("llvc_e2e_latency_ms", (("quantile", "0.99"),))] == pytest.approx(99.01)
+    assert samples[("llvc_e2e_latency_ms", (("quantile", "1"),))] == 100.0
+    assert samples[("llvc_chunks_total", ())] == 100
+    assert samples[("llvc_underruns_total", ())] == 2
+    assert samples[("llvc_resets_total", ())] == 1
+    assert samples[("llvc_dropped_total", (("cause", "late"),))] == 3
+    assert samples[("llvc_service_up", (("service", "playback"),))] == 1
+    assert samples[("llvc_service_up", (("service", "capture"),))] == 0
+    assert samples[("llvc_inference_rtf", ())] == pytest.approx(13.0 / 5.5)
+    assert samples[("llvc_model_algorithmic_latency_ms", ())] == 14.0
+    assert not any(name.startswith(("python_", "process_")) for name, _ in samples)  # not the global registry
+
+
+def test_malformed_telemetry_is_counted_not_fatal():
+    cfg = make_config("tcp", "monitor.metrics_port=0")
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.PUB)  # a raw PUB where capture's telemetry should be
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.bind(cfg.endpoint("telemetry_capture").bind)
+
+    def send(type_, data, service="capture"):
+        msg = replace(make_telemetry(service, type_, data), pid=77)
+        raw.send_multipart([msg.topic.encode(), encode(msg)])
+
+    try:
+        with Monitor(cfg) as mon:
+            def seen():
+                send("event", {"event": "hello"})
+                return mon.report()["events"].get("capture.hello", 0) > 0
+            assert wait_until(seen, timeout=10, interval=0.05)
+            good_hb = replace(make_telemetry("capture", "heartbeat", {}), pid=77)
+            for frames in ([b"event.capture"],                                          # one frame
+                           [b"event.capture", b"\xc1 not msgpack"],
+                           [b"event.capture", msgpack.packb({"kind": "telemetry", "v": [1, 0]})],
+                           [b"chunk.playback", encode(good_hb)],                        # topic mismatch
+                           [b"event.capture", encode(good_hb), b"extra"]):
+                raw.send_multipart(frames)
+            # Valid on the wire, nonsense inside.
+            send("heartbeat", {"counters": "lots", "uptime_s": "x", "ready": 1})
+            send("heartbeat", {"counters": {"dropped_x": -1, "dropped_y": True, "dropped_z": 1.5}})
+            send("heartbeat", {"chunk_len": "208", "model": 3}, service="inference")
+            for bad in ("abc", True, None, [1]):
+                send("chunk", {"e2e_ms": bad, "fill_ms": {}}, service="playback")
+            send("event", {"event": 5})
+            send("event", {})
+            # And then real data still counts.
+            send("chunk", {"e2e_ms": 7.0, "fill_ms": 2.0}, service="playback")
+            send("heartbeat", {"ready": True, "uptime_s": 9.0, "counters": {"dropped_capture_send": 2}})
+            assert wait_until(lambda: mon.report()["dropped"] == {"capture_send": 2}, timeout=10), mon.report()
+            report = mon.report()
+            assert mon.thread.is_alive()
+            assert report["rejected"]["monitor"] == 5
+            assert report["chunks"] == 5 and report["e2e_latency_ms"]["p50"] == 7.0
+            assert report["queue"]["playback_fill_ms_p50"] == 2.0
+            assert report["model"]["id"] is None
+            assert mon.svc.counters["bad_fields"] >= 8
+    finally:
+        raw.close()
+        ctx.term()
+
+
+# ------------------------------------------------------------------------------ CLI
+def monitor_cmd(*args: str) -> list[str]:
+    sets = [a for o in endpoint_overrides("tcp") for a in ("--set", o)]
+    return [str(LLVC), "monitor", *sets, *args]
+
+
+@pytest.mark.parametrize("case", ["busy_port", "unknown_key", "no_report_dir"])
+def test_cli_setup_failures_exit_2_with_one_line(case, tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    args, expect = {
+        "busy_port": (["--set", f"monitor.metrics_port={port}"], f"127.0.0.1:{port}"),
+        "unknown_key": (["--set", "monitor.bogus=1"], "monitor.bogus: unknown key"),
+        "no_report_dir": (["--metrics-port", "0", "--report", str(tmp_path / "nope" / "r.json")],
+                          "monitor.report"),
+    }[case]
+    try:
+        proc = subprocess.run(monitor_cmd(*args), capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "cannot start" in errors[0] and expect in errors[0], proc.stderr
+
+
+def test_cli_runs_until_sigterm_and_writes_report(tmp_path):
+    path = tmp_path / "out.json"
+    cmd = monitor_cmd("--metrics-port", "0", "--report", str(path), "--set", "monitor.status_interval_s=0.2")
+    connect = next(a.split("=", 1)[1] for a in cmd if a.startswith("endpoints.telemetry_monitor.connect="))
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"event.monitor")
+    sub.connect(connect)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert sub.poll(30_000), "no status line from llvc monitor"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sub.close()
+        ctx.term()
+    assert proc.returncode == 0, err
+    report = json.loads(path.read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["chunks"] == 0 and report["rtf"] is None
+    assert report["e2e_latency_ms"] == {"p50": None, "p95": None, "p99": None, "max": None}
+    assert report["duration_s"] > 0
+    assert "report written" in err
