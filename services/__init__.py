@@ -52,8 +52,12 @@ playback (``services/playback.py``)
     stream plays ``target_ms`` after it arrives; from then on the read position advances with
     the sink's clock. Missing audio at the read position → silence (underrun, counted, short
     fade); a chunk whose samples' play slot has passed → dropped (``dropped_late``, the late
-    part only); fill above ``max_ms`` → drop oldest back to ``target_ms``
-    (``dropped_overflow``).
+    part only); overflow → drop oldest so that the newest chunk plus ``target_ms`` remain
+    (``dropped_overflow``). Overflow is a fill above ``max_ms``, or, right after a chunk
+    arrives, more than that chunk + ``target_ms`` + max(``target_ms``, 3 ms): then the
+    timeline sits later than the arrivals need (a slow first chunk set it) and latency would
+    otherwise stay high for the whole run. For a device sink ``target_ms`` counts from when
+    audio leaves the buffer; the device's own output latency comes on top (e2e includes it).
   * e2e latency of a chunk = time its first sample reaches the output − its ``t_capture_ns``
     (same host clock; on different hosts this is meaningless, so the monitor must run the
     latency figures from playback on the capture host). Published as

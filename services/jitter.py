@@ -12,9 +12,15 @@ start is always stream sample ``first_offset + k``: missing audio becomes silenc
 and audio that arrives after its place was played is dropped as late. That is what keeps e2e
 latency constant and a file sink aligned with the source.
 
+Overflow: right after a chunk arrives, the buffered-ahead audio is normally that chunk plus
+``target_ms``. When it exceeds that by more than ``max(target_ms, 3 ms)``, or exceeds ``max_ms``
+at all, the timeline sits later than it needs to (a slow first chunk set it, or the sink
+stalled), and the oldest audio is dropped so that exactly this chunk plus ``target_ms`` remain.
+So latency converges to what the arrivals need instead of keeping a bad start for the whole run.
+
 Storage is a ring of ``max_ms`` (plus a second of headroom for reads) with a validity mask:
-position ``p`` lives at ``p % capacity``. The overflow rule (buffered-ahead audio never exceeds
-``max_ms``) is applied *before* a chunk is stored, so stored positions never alias.
+position ``p`` lives at ``p % capacity``. The overflow rule is applied *before* a chunk is
+stored, so stored positions never alias.
 """
 from __future__ import annotations
 
@@ -212,8 +218,15 @@ class JitterBuffer:
                 return PutResult(new_stream=new, late=late)
 
         overflow = 0
-        if self.newest_end - self.read_pos > self.max:
-            new_pos = self.newest_end - self.target
+        # Right after a chunk arrives the fill is normally that chunk plus target (at playout
+        # start, and whenever arrivals keep their cadence). More than that, by over
+        # max(target, 3 ms), means the timeline sits later than it needs to (e.g. it was set by
+        # a slow first chunk): trim back so latency does not stay high for the whole run.
+        # max_ms caps it in any case. Trimming keeps this chunk plus target, never less.
+        n_new = end - offset
+        bound = min(self.max, n_new + self.target + max(self.target, ms_to_samples(3.0, self.sr)))
+        if self.newest_end - self.read_pos > bound:
+            new_pos = self.newest_end - (n_new + self.target)
             # Dropped: what was buffered below the new position, and this chunk's part below it.
             overflow = (self._discard(self.read_pos, new_pos)
                         + max(0, min(end, new_pos) - max(offset, self.read_pos)))

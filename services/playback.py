@@ -68,7 +68,7 @@ def _latency_problem(v) -> str | None:
 
 SCHEMA = {
     "sink": Setting(str, "null", _sink_problem),
-    "target_ms": Setting(float, 4.0, non_negative),
+    "target_ms": Setting(float, 6.0, non_negative),
     "max_ms": Setting(float, 60.0, positive),
     "block_ms": Setting(float, 2.0, lambda v: positive(v) or (None if v <= 1000 else "must be <= 1000")),
     "fade_ms": Setting(float, 2.0, non_negative),
@@ -449,11 +449,18 @@ class PlaybackService(Service):
         self.sink = make_sink(s, self.log)
         self.sink.open()  # first: a sink that cannot open is a one-line exit 2, before any socket
         self.receiver = self.open_bus().audio_receiver("audio_out")
-        if self.cfg.endpoint("audio_out").connect.startswith("inproc://"):
+        address = self.cfg.endpoint("audio_out").connect
+        if address.startswith("inproc://"):
             self.connected = True  # inproc has no connection events; connecting is immediate
         else:
-            self.monitor_socket = self.receiver.socket.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+            sock = self.receiver.socket
+            self.monitor_socket = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+            # The Bus connected the socket before the monitor existed, and a handshake that
+            # finished in between would never be reported (seen under load): connect again
+            # under the monitor's eye. At worst the few chunks already on their way to this
+            # brand-new connection are dropped, once, at startup.
+            sock.disconnect(address)
+            sock.connect(address)
         self.log("info", "sink open", sink=s.sink, target_ms=s.target_ms, max_ms=s.max_ms,
                  **self.sink.describe())
         self.sink.start(time.monotonic_ns())  # last: the first tick is due now, not a setup ago

@@ -1,6 +1,8 @@
 """The jitter buffer as pure logic: simulated arrivals and sink ticks, no sockets, no clocks."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -143,9 +145,11 @@ def test_overflow_drops_oldest_back_to_target():
     sig = signal(8 * C)
     burst = lambda k: 0 if k == 0 else 1 * MS  # noqa: E731 - chunks 1-4 right after chunk 0
     out, results = simulate(jb, chunk_puts(jb, sig, range(5), burst), blocks_for(5))
-    # chunk 1 ends at 416 > 320: back to 416 - 64 = 352; chunk 3 ends at 832: back to 768.
+    # Bound: min(max 320, chunk 208 + target 64 + max(target, 3 ms) 64) = 320. Each of chunks
+    # 1-4 overshoots it and the read position moves to keep that chunk plus target:
+    # 416 - 272 = 144, then 352, 560 and finally 1040 - 272 = 768.
     first_kept = 4 * C - 64
-    assert jb.stats.dropped_overflow == 2
+    assert jb.stats.dropped_overflow == 4
     assert jb.stats.overflow_samples == first_kept       # everything below was dropped, once
     got = stream_samples(results, out)
     assert min(got) == first_kept
@@ -217,6 +221,33 @@ def test_a_stalled_stream_stops_counting_underrun_samples():
     assert jb.stats.underrun_samples == int(STALL_MS * 16)
 
 
+def test_writer_and_reader_threads_never_misplace_a_sample():
+    """The socket loop and a sink callback on two threads: every output sample is either the
+    stream sample that belongs at its position or silence (fade_ms 0: no fade values)."""
+    jb = JitterBuffer(target_ms=0, max_ms=20, fade_ms=0)
+    n_chunks = 3000
+    sig = np.arange(1, n_chunks * C + 1, dtype=np.float32)  # sample at position p is p + 1
+    done = threading.Event()
+
+    def writer():
+        for k in range(n_chunks):
+            put_chunk(jb, sig, k, 0)
+        done.set()
+
+    bad, buf, t = [], np.zeros(BLOCK, np.float32), 0
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while not done.is_set() or jb.fill:
+        r = jb.read(BLOCK, buf, t)
+        t += BLOCK * NS
+        got = buf[r.stream_index:r.stream_index + r.stream_samples]
+        want = np.arange(r.stream_offset + 1, r.stream_offset + 1 + r.stream_samples, dtype=np.float32)
+        bad += [p for p, (g, w) in enumerate(zip(got, want)) if g not in (0.0, w)]
+    thread.join()
+    assert not bad
+    assert jb.stats.dropped_overflow > 0  # the writer outran the reader: the drop path ran too
+
+
 def test_bad_read_size_and_settings_are_refused():
     with pytest.raises(ValueError):
         JitterBuffer(target_ms=60, max_ms=60, fade_ms=2)
@@ -242,3 +273,18 @@ def test_any_block_sizes_play_the_stream_exactly(sizes):
     np.testing.assert_array_equal(got[:n], sig[:n])
     # Silence is invented only once the signal has run out.
     assert jb.stats.underrun_samples == min(jb.stall, max(0, len(got) - len(sig)))
+
+
+def test_a_slow_first_chunk_does_not_set_latency_for_the_whole_run():
+    """Chunk 0 arrives 10 ms late, the rest on cadence: the timeline is trimmed to what they need."""
+    jb = JitterBuffer(target_ms=4, max_ms=60, fade_ms=2)
+    sig = signal(12 * C)
+    arrival = lambda k: on_time(k) + (10 * MS if k == 0 else 0)  # noqa: E731
+    out, results = simulate(jb, chunk_puts(jb, sig, range(12), arrival), blocks_for(12))
+    assert jb.stats.dropped_overflow == 1
+    # After the trim the buffer holds one chunk plus target right after each arrival: no
+    # underruns, and the audio that is played is the source, in place.
+    assert jb.stats.underruns == 0
+    got = stream_samples(results, out)
+    assert all(got[p] == sig[p] for p in got if p >= 2 * C)
+    assert min(got) > 0  # the start of chunk 0 was dropped to catch up

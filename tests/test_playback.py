@@ -240,3 +240,52 @@ def test_bad_settings_exit_2_with_one_line(tmp_path):
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and says in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+class FakeStream:
+    """What DeviceSink uses of a sounddevice.OutputStream, with a stream clock we set."""
+
+    latency = 0.010
+    active = True
+    time = 100.0
+
+
+class Flags:
+    output_underflow = False
+
+
+def test_device_ring_hands_the_callback_the_buffer_in_order_timed_by_dac_time():
+    """The device path without PortAudio: service-side pump, audio-thread callback, DAC times."""
+    from types import SimpleNamespace
+
+    from services.jitter import JitterBuffer
+    from services.playback import DeviceSink
+
+    sink = DeviceSink("device:x", "low", lambda *a, **k: None)
+    sink.rate, sink.ring, sink.stream, sink.index = 16000, np.zeros(16000, np.float32), FakeStream(), 0
+    jb = JitterBuffer(target_ms=10, max_ms=200, fade_ms=2)
+    sig = noise(10, seed=4)
+    now = time.monotonic_ns()
+    sink._sync_clock(now)
+    played, frames, k, last_dac = [], 95, 0, None
+    for i in range(60):
+        while k < 10 and sink.fed + 200 >= k * C:  # chunks arrive a little ahead of their turn
+            jb.put("d", k * C, sig[k * C:(k + 1) * C], 0, seq=k, t_capture_ns=0)
+            k += 1
+        fed = sink.fed
+        for _, t_out in sink.pump(jb, now):
+            if last_dac is not None:
+                # The last callback's block started at ring frame `start` and reaches the DAC at
+                # last_dac: frame `fed` follows (fed - start) / rate later.
+                start = sink.last_cb[0]
+                assert abs(t_out - (last_dac * 1e9 + sink.clock_offset_ns + (fed - start) * 62_500)) < 2
+        sink.due_ns = 0
+        out = np.zeros((frames, 1), np.float32)
+        last_dac = FakeStream.time + i * frames / 16000 + FakeStream.latency
+        sink._callback(out, frames, SimpleNamespace(outputBufferDacTime=last_dac), Flags())
+        played.append(out[:, 0].copy())
+    played = np.concatenate(played)
+    first = np.flatnonzero(played)[0]
+    np.testing.assert_array_equal(played[first:first + 10 * C], sig)  # nothing lost or reordered
+    assert jb.stats.dropped_overflow == 0 and jb.stats.dropped_late == 0
+    assert sink.frames_max == frames and sink.starved == 0  # the ring never ran dry
