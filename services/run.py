@@ -294,6 +294,9 @@ def run(args: argparse.Namespace) -> int:
         report = json.loads(report_path.read_text())
         text = json.dumps(report, indent=2)
         print(text)
+        if (report.get("model") or {}).get("untrained"):
+            print("llvc run: NOTE: this ran the UNTRAINED default model (no -p given): the output is not "
+                  "a converted voice; see README 'Models'", file=sys.stderr)
         if args.report:
             out = Path(args.report)
             out.parent.mkdir(parents=True, exist_ok=True)
