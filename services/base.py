@@ -81,14 +81,20 @@ def parse_settings(cfg: PipelineConfig, table: str, schema: dict[str, Setting],
     """Validate ``cfg.services[table]`` (plus CLI ``overrides``) against ``schema``.
 
     Unknown keys, wrong types (a bool is not a number) and failed checks raise one-line
-    :class:`PipelineConfigError` naming ``table.key``. Missing keys take the default.
+    :class:`PipelineConfigError` naming ``table.key`` and where the value came from: the
+    config's layers, or "command line" for a value given by a service's own flag.
+    Missing keys take the default.
     """
-    raw = dict(cfg.services.get(table, {}))
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    raw = {**cfg.services.get(table, {}), **flags}
+
+    def error(key: str, why: str) -> PipelineConfigError:
+        where = "command line" if key in flags else cfg.source
+        return PipelineConfigError(f"{where}: {table}.{key}: {why}")
+
     for key in raw:
         if key not in schema:
-            raise PipelineConfigError(f"{cfg.source}: {table}.{key}: unknown key "
-                                      f"(known: {', '.join(sorted(schema))})")
+            raise error(key, f"unknown key (known: {', '.join(sorted(schema))})")
     values = {}
     for key, spec in schema.items():
         v = raw.get(key, spec.default)
@@ -97,10 +103,10 @@ def parse_settings(cfg: PipelineConfig, table: str, schema: dict[str, Setting],
             v = float(v)
         if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
             names = " or ".join(k.__name__ for k in kinds)
-            raise PipelineConfigError(f"{cfg.source}: {table}.{key}: must be {names}, got {v!r}")
+            raise error(key, f"must be {names}, got {v!r}")
         reason = spec.check(v) if spec.check else None
         if reason:
-            raise PipelineConfigError(f"{cfg.source}: {table}.{key}: {reason}, got {v!r}")
+            raise error(key, f"{reason}, got {v!r}")
         values[key] = v
     return SimpleNamespace(**values)
 
