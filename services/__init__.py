@@ -53,10 +53,10 @@ playback (``services/playback.py``)
     the sink's clock. Missing audio at the read position → silence (underrun, counted, short
     fade); a chunk whose samples' play slot has passed → dropped (``dropped_late``, the late
     part only); overflow → drop oldest so that the newest chunk plus ``target_ms`` remain
-    (``dropped_overflow``). Overflow is a fill above ``max_ms``, or, right after a chunk
-    arrives, more than that chunk + ``target_ms`` + max(``target_ms``, 3 ms): then the
+    (``dropped_overflow``). Overflow is a fill above ``max_ms``, or slack beyond chunk +
+    ``target_ms`` that the last 16 arrivals all had, above max(``target_ms``, 3 ms): then the
     timeline sits later than the arrivals need (a slow first chunk set it) and latency would
-    otherwise stay high for the whole run. For a device sink ``target_ms`` counts from when
+    otherwise stay high for the whole run; the timeline moves earlier by that slack. For a device sink ``target_ms`` counts from when
     audio leaves the buffer; the device's own output latency comes on top (e2e includes it).
   * e2e latency of a chunk = time its first sample reaches the output − its ``t_capture_ns``
     (same host clock; on different hosts this is meaningless, so the monitor must run the

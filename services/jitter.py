@@ -13,10 +13,12 @@ and audio that arrives after its place was played is dropped as late. That is wh
 latency constant and a file sink aligned with the source.
 
 Overflow: right after a chunk arrives, the buffered-ahead audio is normally that chunk plus
-``target_ms``. When it exceeds that by more than ``max(target_ms, 3 ms)``, or exceeds ``max_ms``
-at all, the timeline sits later than it needs to (a slow first chunk set it, or the sink
-stalled), and the oldest audio is dropped so that exactly this chunk plus ``target_ms`` remain.
-So latency converges to what the arrivals need instead of keeping a bad start for the whole run.
+``target_ms``. Slack beyond that which every one of the last ``TRIM_WINDOW`` arrivals had, when
+it exceeds ``max(target_ms, 3 ms)``, means the timeline sits later than the arrivals need (a
+slow first chunk set it): the oldest audio is dropped to pull the timeline earlier by exactly
+that slack, so latency converges instead of keeping a bad start for the whole run. Above
+``max_ms`` (the sink stalled, a burst) it trims at once so that this chunk plus ``target_ms``
+remain.
 
 Storage is a ring of ``max_ms`` (plus a second of headroom for reads) with a validity mask:
 position ``p`` lives at ``p % capacity``. The overflow rule is applied *before* a chunk is
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +38,9 @@ SAMPLE_RATE = 16000
 #: away): its silence is no longer counted as underrun samples, which would otherwise grow
 #: without bound and drown the real glitches in the monitor's figures.
 STALL_MS = 500.0
+#: Arrivals over which unused slack must persist before the timeline is pulled earlier: about
+#: 200 ms at 13 ms chunks, so one early chunk after a slow start cannot cause a trim.
+TRIM_WINDOW = 16
 #: Stream ids remembered after they were replaced or drained, so stragglers are ignored
 #: instead of switching the output back to an old stream.
 RETIRED_STREAMS = 8
@@ -138,6 +144,7 @@ class JitterBuffer:
         self.playing = False
         self._start_ns = 0
         self._starts: dict[int, tuple[str, int, int]] = {}  # offset -> (stream, seq, t_capture)
+        self._slack: deque[int] = deque(maxlen=TRIM_WINDOW)  # unused slack at recent arrivals
         self._valid[:] = False
 
     def _retire(self, drained: bool = False) -> None:
@@ -218,15 +225,23 @@ class JitterBuffer:
                 return PutResult(new_stream=new, late=late)
 
         overflow = 0
-        # Right after a chunk arrives the fill is normally that chunk plus target (at playout
-        # start, and whenever arrivals keep their cadence). More than that, by over
-        # max(target, 3 ms), means the timeline sits later than it needs to (e.g. it was set by
-        # a slow first chunk): trim back so latency does not stay high for the whole run.
-        # max_ms caps it in any case. Trimming keeps this chunk plus target, never less.
+        # Right after an in-order chunk arrives the buffered-ahead audio is normally that chunk
+        # plus target. What every one of the last TRIM_WINDOW arrivals had beyond that, when
+        # it is more than max(target, 3 ms), is slack nobody needed: the timeline sits later
+        # than the arrivals require (a slow first chunk set it). Pull the timeline earlier by
+        # exactly that much, so latency converges instead of keeping a bad start for the whole
+        # run. Above max_ms, trim at once. Either way this chunk plus target remain at least.
         n_new = end - offset
-        bound = min(self.max, n_new + self.target + max(self.target, ms_to_samples(3.0, self.sr)))
-        if self.newest_end - self.read_pos > bound:
+        new_pos = None
+        if self.playing and end == self.newest_end and offset >= self.read_pos:
+            self._slack.append(self.newest_end - self.read_pos - (n_new + self.target))
+            if (len(self._slack) == TRIM_WINDOW
+                    and min(self._slack) > max(self.target, ms_to_samples(3.0, self.sr))):
+                new_pos = self.read_pos + min(self._slack)
+        if self.newest_end - self.read_pos > self.max:
             new_pos = self.newest_end - (n_new + self.target)
+        if new_pos is not None:
+            self._slack.clear()
             # Dropped: what was buffered below the new position, and this chunk's part below it.
             overflow = (self._discard(self.read_pos, new_pos)
                         + max(0, min(end, new_pos) - max(offset, self.read_pos)))
