@@ -132,10 +132,10 @@ class BusOptions:
     heartbeat_ivl_ms: int = 1000
     heartbeat_timeout_ms: int = 3000
     reconnect_ivl_ms: int = 100
-    reconnect_ivl_max_ms: int = 1000
+    reconnect_ivl_max_ms: int = 250
     max_samples: int = 16000
     telemetry_hwm: int = 1000
-    heartbeat_interval_s: float = 1.0
+    heartbeat_interval_s: float = 0.25
 
 
 @dataclass(frozen=True)

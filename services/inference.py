@@ -54,6 +54,11 @@ INFERENCE_SCHEMA = {
     "threads": Setting(int, 1, lambda v: None if v >= 1 else "must be >= 1"),
     "max_backlog_ms": Setting(float, 40.0, positive),
     "max_gap_ms": Setting(float, 100.0, non_negative),
+    # Test-only: simulate a machine too slow for the model (tests/test_faults.py). Each step
+    # takes this much longer (counted in proc_ms, as a slow step would be) ...
+    "debug_delay_ms": Setting(float, 0.0, non_negative),
+    # ... until this many seconds after the first step (0 = for good), so recovery can be seen.
+    "debug_delay_s": Setting(float, 0.0, non_negative),
 }
 
 #: Counters reported from the first heartbeat on (zeros included, so dashboards see them).
@@ -161,6 +166,11 @@ class InferenceService(Service):
         sr = self.engine.sample_rate
         self.max_backlog = max(1, round(s.max_backlog_ms * sr / 1000))
         self.max_gap = round(s.max_gap_ms * sr / 1000)
+        self._debug_delay_s, self._debug_for_s = s.debug_delay_ms / 1000, s.debug_delay_s
+        self._debug_until = None
+        if self._debug_delay_s:
+            self.log("warning", "debug_delay_ms is set: every step is slowed down (a test setting)",
+                     debug_delay_ms=s.debug_delay_ms, for_s=s.debug_delay_s or "ever")
         # Bind last: while the model loads, capture's sends fail (counted there) instead of
         # piling up stale audio in our queue.
         bus = self.open_bus()
@@ -372,6 +382,14 @@ class InferenceService(Service):
             e.prime(seg.buf[:e.head_len])
             seg.buf = seg.buf[e.head_len:]
 
+    def _debug_sleep(self) -> None:
+        """The test-only slowdown (``debug_delay_ms`` for ``debug_delay_s`` after the first step)."""
+        now = time.monotonic()
+        if self._debug_until is None:
+            self._debug_until = now + self._debug_for_s if self._debug_for_s else float("inf")
+        if now < self._debug_until:
+            time.sleep(self._debug_delay_s)
+
     def _step(self) -> None:
         """Convert the segment's next ``chunk_len`` samples and send them."""
         seg, e = self._seg, self.engine
@@ -381,6 +399,8 @@ class InferenceService(Service):
         seg.steps += 1
         t0 = time.perf_counter_ns()
         y = e.process(x)
+        if self._debug_delay_s:
+            self._debug_sleep()
         proc_ns = time.perf_counter_ns() - t0
         self._steps_unchecked += 1
         check_state = self._steps_unchecked >= STATE_CHECK_EVERY

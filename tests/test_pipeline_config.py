@@ -95,8 +95,8 @@ def test_default_file_loads_with_the_documented_values():
         assert cfg.endpoint(name).is_tcp
     assert cfg.bus == BusOptions(
         send_hwm=8, recv_hwm=8, linger_ms=0, heartbeat_ivl_ms=1000, heartbeat_timeout_ms=3000,
-        reconnect_ivl_ms=100, reconnect_ivl_max_ms=1000, max_samples=16000, telemetry_hwm=1000,
-        heartbeat_interval_s=1.0,
+        reconnect_ivl_ms=100, reconnect_ivl_max_ms=250, max_samples=16000, telemetry_hwm=1000,
+        heartbeat_interval_s=0.25,
     )
     assert isinstance(cfg.bus.heartbeat_interval_s, float)
     assert cfg.security == SecurityOptions(curve=False, keys_dir=Path.cwd() / "keys")
