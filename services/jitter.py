@@ -20,6 +20,15 @@ that slack, so latency converges instead of keeping a bad start for the whole ru
 ``max_ms`` (the sink stalled, a burst) it trims at once so that this chunk plus ``target_ms``
 remain.
 
+Growth: when chunks keep arriving after their place was played (at least ``GROW_LATE`` of the
+last ``GROW_WINDOW`` arrivals, spread over at least ``GROW_SPAN_MS`` of arrival time: an
+inference that cannot keep up, a congested link), the
+timeline moves later: reads pause for the median lateness of those arrivals plus
+``target_ms`` (silence, counted as ``grown_samples``), capped so the buffer stays within
+``max_ms``. Without it a fixed timeline set while things were fast drops everything once they
+are slow. One late burst (a stall: its chunks arrive together) does not grow it; persistent unused slack
+afterwards is trimmed again by the overflow rule above, so latency comes back down.
+
 Storage is a ring of ``max_ms`` (plus a second of headroom for reads) with a validity mask:
 position ``p`` lives at ``p % capacity``. The overflow rule is applied *before* a chunk is
 stored, so stored positions never alias.
@@ -41,6 +50,12 @@ STALL_MS = 500.0
 #: Arrivals over which unused slack must persist before the timeline is pulled earlier: about
 #: 200 ms at 13 ms chunks, so one early chunk after a slow start cannot cause a trim.
 TRIM_WINDOW = 16
+#: Arrivals over which lateness is judged, how many of them must have been late for the
+#: timeline to grow, and over how much arrival time those late ones must spread: a stall's
+#: chunks arrive together, however many they are, and must not grow it.
+GROW_WINDOW = 16
+GROW_LATE = 8
+GROW_SPAN_MS = 80.0
 #: Stream ids remembered after they were replaced or drained, so stragglers are ignored
 #: instead of switching the output back to an old stream.
 RETIRED_STREAMS = 8
@@ -61,6 +76,8 @@ class JitterStats:
     underrun_samples: int = 0    # samples invented inside an active stream
     lost_samples: int = 0        # of those, samples no chunk was ever sent for (offset gaps)
     drained: int = 0             # streams whose source_end was played
+    timeline_grows: int = 0      # times persistent lateness moved the timeline later
+    grown_samples: int = 0       # silence those moves inserted
 
 
 @dataclass(frozen=True)
@@ -145,6 +162,9 @@ class JitterBuffer:
         self._start_ns = 0
         self._starts: dict[int, tuple[str, int, int]] = {}  # offset -> (stream, seq, t_capture)
         self._slack: deque[int] = deque(maxlen=TRIM_WINDOW)  # unused slack at recent arrivals
+        # (arrival ns, samples late) of recent arrivals
+        self._lateness: deque[tuple[int, int]] = deque(maxlen=GROW_WINDOW)
+        self._pause = 0       # reads still to pause for (silence before the timeline goes on)
         self._valid[:] = False
 
     def _retire(self, drained: bool = False) -> None:
@@ -217,10 +237,13 @@ class JitterBuffer:
             self.stats.lost_samples += max(0, min(offset, self.read_pos) - self.newest_end)
         self.newest_end = max(self.newest_end, end)  # late data still shows what was sent
         late = 0
+        if self.playing:
+            self._lateness.append((arrival_ns, max(0, self.read_pos - offset)))
         if offset < self.read_pos:
             late = min(end, self.read_pos) - offset
             self.stats.dropped_late += 1
             self.stats.late_samples += late
+            self._grow_if_persistently_late(end - offset)
             if end <= self.read_pos:
                 return PutResult(new_stream=new, late=late)
 
@@ -234,7 +257,7 @@ class JitterBuffer:
         n_new = end - offset
         new_pos = None
         if self.playing and end == self.newest_end and offset >= self.read_pos:
-            self._slack.append(self.newest_end - self.read_pos - (n_new + self.target))
+            self._slack.append(self.newest_end - self.read_pos + self._pause - (n_new + self.target))
             if (len(self._slack) == TRIM_WINDOW
                     and min(self._slack) > max(self.target, ms_to_samples(3.0, self.sr))):
                 new_pos = self.read_pos + min(self._slack)
@@ -258,11 +281,27 @@ class JitterBuffer:
                 self._starts[offset] = (stream_id, seq, t_capture_ns)
         return PutResult(new_stream=new, stored=max(0, end - first), late=late, overflow=overflow)
 
+    def _grow_if_persistently_late(self, n_new: int) -> None:
+        """Move the timeline later when most recent arrivals were late (see the module docstring)."""
+        late = [(t, x) for t, x in self._lateness if x > 0]
+        if len(late) < GROW_LATE or late[-1][0] - late[0][0] < GROW_SPAN_MS * 1e6:
+            return
+        room = self.max - (self.newest_end - self.read_pos) - self._pause - n_new
+        grow = min(int(np.median([x for _, x in late])) + self.target, room)
+        if grow <= 0:
+            return  # already as late as max_ms allows: drops are the only way to stay bounded
+        self._pause += grow
+        self._lateness.clear()
+        self._slack.clear()
+        self.stats.timeline_grows += 1
+        self.stats.grown_samples += grow
+
     # ------------------------------------------------------------------ reader
     def read(self, n: int, out: np.ndarray, t_out_ns: int) -> ReadResult:
         """Fill ``out[:n]`` with the next ``n`` output samples; ``out[0]`` plays at ``t_out_ns``.
 
-        Always consumes ``n`` positions of a playing stream (the timeline never stalls).
+        Always consumes ``n`` positions of a playing stream (the timeline never stalls), except
+        while a growth pause lasts (those reads are silence in front of the stream).
         """
         if not 0 < n <= self.capacity - self.max:
             raise ValueError(f"read size must be 1..{self.capacity - self.max}, got {n}")
@@ -281,6 +320,11 @@ class JitterBuffer:
             if not self.playing:
                 self._fade(out[:n])
                 return res
+            if self._pause:  # the timeline grew: silence here, the stream goes on after it
+                p = min(self._pause, n - k)
+                self._fade(out[k:k + p])
+                self._pause -= p
+                k += p
             m = n - k
             pos = self.read_pos
             in_stream = m if self.source_end is None else max(0, min(m, self.source_end - pos))

@@ -18,8 +18,14 @@ The monitor subscribes to every service's telemetry (all types but ``audio.``) a
 * **Liveness** per service from heartbeats (time of arrival on the monitor's clock): stale
   after ``stale_heartbeats`` missed ``bus.heartbeat_interval_s`` periods (plus half a period of
   slack for jitter) → event ``service_stale``; its next heartbeat → ``service_back {service,
-  pid, restarted}``. One instance per service name is assumed, as in the pipeline.
+  pid, restarted}``. A new process seen before the old one went stale → ``service_restarted
+  {service, pid, restarts}``. One instance per service name is assumed, as in the pipeline.
 * **Model info** from the inference heartbeat.
+* **Overload** (:class:`services.stats.OverloadWatch`), judged every second: inference's mean
+  step time above the chunk duration, or inference dropping backlog, → event ``overloaded
+  {reason}``, a warning, ``OVERLOADED`` at the head of the status line, gauge
+  ``llvc_overloaded``; the first second without either (and with steps running) →
+  ``overload_cleared {duration_s}``. The report's ``overload`` has episodes and seconds.
 
 Every ``status_interval_s`` one line (rolling window) is logged and published as
 ``event.monitor {"event": "status", "line"}``; ``inf`` there is the p50 of ``proc_ms``.
@@ -52,7 +58,7 @@ from common.protocol import SAMPLE_RATE, Telemetry
 from common.tap import topics_for
 from services.base import (MODEL_SCHEMA, Service, Setting, add_service_arguments, non_negative, positive,
                            parse_settings, service_main)
-from services.stats import CounterLedger, Series
+from services.stats import CounterLedger, OverloadWatch, Series
 
 SCHEMA = {
     "status_interval_s": Setting(float, 2.0, positive),
@@ -147,6 +153,7 @@ class MonitorService(Service):
         self.model: dict[str, Any] = {}
         self.events: dict[str, int] = {}
         self.chunks = 0
+        self.overload = OverloadWatch()
         self.status_line = ""
         self._t0 = now
         self.started_wall = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -195,6 +202,7 @@ class MonitorService(Service):
             self.counters["messages"] = self.counters.get("messages", 0) + len(batch)
             self.counters["rejected"] = self._sub.rejected
             self._check_liveness(now)
+            self._check_overload(now)
             if now >= self._next_status:
                 self._next_status = now + self.settings.status_interval_s
                 self._emit_status(now)
@@ -239,6 +247,9 @@ class MonitorService(Service):
             self._sample("fill_ms", data.get("fill_ms"), now)
         elif kind == "chunk" and msg.service == "inference":
             self._sample("proc_ms", data.get("proc_ms"), now)
+            proc_ms = _number(data.get("proc_ms"))
+            if proc_ms is not None:
+                self.overload.add_step(proc_ms)
             self._sample("queue_chunks", data.get("queue_chunks"), now)
             if "rtf" in data:
                 self._sample("rtf", data["rtf"], now)
@@ -290,8 +301,9 @@ class MonitorService(Service):
             restarted = h.incarnation != h.stale_incarnation
             self.log("info", "service back", svc=msg.service, pid=msg.pid, restarted=restarted)
             self.event("service_back", service=msg.service, pid=msg.pid, restarted=restarted)
-        elif new_process:
+        elif new_process:  # back before it was missed: still say so
             self.log("info", "service restarted", svc=msg.service, pid=msg.pid, restarts=h.restarts)
+            self.event("service_restarted", service=msg.service, pid=msg.pid, restarts=h.restarts)
 
     def _on_model(self, data: dict) -> None:
         for key, kinds in (("model", (str,)), ("untrained", (bool,)), ("kind", (str,)), ("device", (str,)),
@@ -313,6 +325,19 @@ class MonitorService(Service):
                 ago = round(now - h.last_seen, 3)
                 self.log("warning", "service stale", svc=name, pid=h.pid, last_seen_s_ago=ago)
                 self.event("service_stale", service=name, pid=h.pid, last_seen_s_ago=ago)
+
+    def _check_overload(self, now: float) -> None:
+        chunk_len = self.model.get("chunk_len")
+        chunk_ms = chunk_len / SAMPLE_RATE * 1000.0 if chunk_len else None
+        change = self.overload.judge(now, chunk_ms, self.ledger.total("dropped_inference_backlog"))
+        if change == "overloaded":
+            self.log("warning", "inference overloaded: it cannot keep up with real time",
+                     reason=self.overload.last_reason)
+            self.event("overloaded", reason=self.overload.last_reason)
+        elif change == "cleared":
+            duration = round(self.overload.last_duration, 3)
+            self.log("info", "inference keeps up again", overloaded_s=duration)
+            self.event("overload_cleared", duration_s=duration)
 
     # ------------------------------------------------------------------ figures
     def _rtf(self, mean_proc_ms: float | None, mean_rtf: float | None) -> float | None:
@@ -358,6 +383,7 @@ class MonitorService(Service):
         states = self.service_states().items()
         services = " ".join(f"{n} {'—' if state == 'unseen' else state}" for n, state in states)
         self.status_line = (
+            ("OVERLOADED | " if self.overload.overloaded else "") +
             f"e2e p50 {show(e2e['p50'])} p99 {show(e2e['p99'])} ms | inf {show(inf['p50'])} ms "
             f"rtf {show(f['rtf'])} | underruns {self.ledger.total('underruns')} "
             f"drops {sum(self.ledger.by_prefix('dropped_').values())} resets {self.ledger.total('resets')} | "
@@ -409,6 +435,8 @@ class MonitorService(Service):
                               "kind", MODEL_SCHEMA["kind"].default)),
                           "device": m.get("device"), "chunk_len": m.get("chunk_len")},
                 "services": services,
+                "overload": {"now": self.overload.overloaded, "episodes": self.overload.episodes,
+                             "seconds": self.overload.total_seconds(now)},
                 "rejected": self.rejected(),
                 "counters": {s: self.ledger.totals(s) for s in self.ledger.services()},
                 "events": dict(sorted(self.events.items())),
@@ -466,6 +494,7 @@ class _Collector:
             dropped, rejected = mon.ledger.by_prefix("dropped_"), mon.rejected()
             restarts = {n: h.restarts for n, h in mon.health.items()}
             model = dict(mon.model)
+            overloaded = mon.overload.overloaded
         window = f"over the last {mon.settings.window_s:g} s"
 
         def quantile_gauge(name: str, doc: str, values: dict[str, float | None]) -> GaugeMetricFamily:
@@ -499,6 +528,8 @@ class _Collector:
             for key, n in values.items():
                 c.add_metric([key], n)
             yield c
+        yield GaugeMetricFamily("llvc_overloaded", "1 while inference cannot keep up with real time",
+                                value=1.0 if overloaded else 0.0)
         up = GaugeMetricFamily("llvc_service_up", "1 while the service's heartbeats arrive", labels=["service"])
         for name, state in states.items():
             up.add_metric([name], 1.0 if state in ("ok", "starting") else 0.0)

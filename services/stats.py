@@ -199,3 +199,69 @@ class CounterLedger:
                 if name.startswith(prefix) and len(name) > len(prefix):
                     out[name[len(prefix):]] = out.get(name[len(prefix):], 0) + n
         return dict(sorted(out.items()))
+
+
+class OverloadWatch:
+    """Says when inference cannot keep up with real time, and when it can again.
+
+    Judged every ``interval_s`` over what arrived since the previous judgement (not over the
+    rolling window, so that the end of an overload shows within one interval): overloaded when
+    the mean step time exceeded the chunk duration, or when inference dropped backlog (it
+    fell so far behind that it skipped audio to get back to live).
+    """
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s = interval_s
+        self.overloaded = False
+        self.episodes = 0
+        self.seconds = 0.0           # time spent overloaded, finished episodes only
+        self.since: float | None = None
+        self.next_at: float | None = None
+        self.last_reason = ""
+        self.last_duration = 0.0     # of the episode that ended last
+        self._proc_sum = 0.0
+        self._proc_n = 0
+        self._drops_seen: int | None = None
+
+    def add_step(self, proc_ms: float) -> None:
+        """One inference step took ``proc_ms``."""
+        self._proc_sum += proc_ms
+        self._proc_n += 1
+
+    def judge(self, now: float, chunk_ms: float | None, backlog_drops: int) -> str | None:
+        """``"overloaded"`` or ``"cleared"`` when the state changes at this judgement, else ``None``.
+
+        ``backlog_drops`` is inference's cumulative ``dropped_inference_backlog``.
+        """
+        if self.next_at is None:
+            self.next_at, self._drops_seen = now + self.interval_s, backlog_drops
+            return None
+        if now < self.next_at:
+            return None
+        self.next_at = now + self.interval_s
+        dropped = backlog_drops - (self._drops_seen or 0)
+        self._drops_seen = backlog_drops
+        mean_ms = self._proc_sum / self._proc_n if self._proc_n else None
+        self._proc_sum, self._proc_n = 0.0, 0
+        slow = mean_ms is not None and chunk_ms is not None and mean_ms > chunk_ms
+        reasons = [f"mean step {mean_ms:.1f} ms > chunk {chunk_ms:.1f} ms"] if slow else []
+        if dropped > 0:
+            reasons.append(f"{dropped} chunks of backlog dropped")
+        if reasons and not self.overloaded:
+            self.overloaded, self.since, self.episodes = True, now, self.episodes + 1
+            self.last_reason = "; ".join(reasons)
+            return "overloaded"
+        # Clearing needs evidence that steps run again (a dead inference is "stale", not fine).
+        if not reasons and self.overloaded and mean_ms is not None:
+            self.overloaded = False
+            self.last_duration = now - (self.since or now)
+            self.seconds += self.last_duration
+            self.since = None
+            return "cleared"
+        if reasons:
+            self.last_reason = "; ".join(reasons)
+        return None
+
+    def total_seconds(self, now: float) -> float:
+        """Time spent overloaded so far, the current episode included."""
+        return self.seconds + (now - self.since if self.overloaded and self.since is not None else 0.0)

@@ -184,11 +184,17 @@ class RunningPipeline:
         """Program name → pid of its running process (0 if not running)."""
         return {p["name"]: p["pid"] for p in self.rpc().supervisor.getAllProcessInfo()}
 
-    def supervisorctl(self, *args: str) -> subprocess.CompletedProcess:
-        """Run the real ``supervisorctl`` against this run's supervisord."""
+    def supervisorctl_popen(self, *args: str) -> subprocess.Popen:
+        """Start the real ``supervisorctl`` against this run's supervisord (output on its stdout)."""
         env = {**self.env, "LLVC_RUN_DIR": str(self.run_dir)}
-        return subprocess.run([*self.wrapper, str(SUPERVISORCTL), "-c", str(REPO / "supervisord.conf"), *args],
-                              capture_output=True, text=True, env=env, timeout=60)
+        return subprocess.Popen([*self.wrapper, str(SUPERVISORCTL), "-c", str(REPO / "supervisord.conf"), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    def supervisorctl(self, *args: str) -> tuple[int, str]:
+        """Run the real ``supervisorctl``; its exit status and output."""
+        ctl = self.supervisorctl_popen(*args)
+        out, _ = ctl.communicate(timeout=60)
+        return ctl.returncode, out
 
     def kill(self, service: str, sig: int = signal.SIGKILL) -> int:
         """Send ``sig`` to the service's process; returns the time it was sent."""
@@ -224,3 +230,86 @@ class RunningPipeline:
             time.sleep(0.02)
         raise AssertionError(f"no audio captured after the fault was played within {timeout} s:\n"
                              f"{self.text()[-3000:]}")
+
+
+# --------------------------------------------------------------------------- restart faults
+def _window(played: list[Played], start_ns: int, end_ns: int) -> list[Played]:
+    return [p for p in played if start_ns <= p.t_ns < end_ns]
+
+
+def longest_silence_ms(played: list[Played], start_ns: int, end_ns: int, chunk_ms: float) -> float:
+    """The longest stretch in ``[start_ns, end_ns)`` with no chunk starting to play, beyond one chunk."""
+    times = [start_ns] + [p.t_ns for p in _window(played, start_ns, end_ns)] + [end_ns]
+    return max(0.0, max(b - a for a, b in zip(times, times[1:])) / 1e6 - chunk_ms)
+
+
+def missing_chunks(played: list[Played], start_ns: int, end_ns: int, chunk_len: int) -> int:
+    """Chunks of a stream that were never played between two that were, in ``[start_ns, end_ns)``."""
+    last: dict[str, int] = {}
+    missing = 0
+    for x in _window(played, start_ns, end_ns):
+        if x.stream_id in last:
+            missing += max(0, (x.offset - last[x.stream_id]) // chunk_len - 1)
+        last[x.stream_id] = x.offset
+    return missing
+
+
+def _restart_and_time_the_stop(p: RunningPipeline, service: str, pid: int) -> int:
+    """``supervisorctl restart`` (stop, then start and wait ``startsecs``); returns when the
+    old process was gone, which is when the service stopped working (a graceful stop finishes
+    what it was doing first)."""
+    ctl = p.supervisorctl_popen("restart", service)
+    gone = None
+    while gone is None and ctl.poll() is None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            gone = time.monotonic_ns()
+        time.sleep(0.002)
+    out, _ = ctl.communicate(timeout=60)
+    assert ctl.returncode == 0 and gone is not None, out
+    return gone
+
+
+def restart_fault(p: RunningPipeline, service: str, how: str, chunk_ms: float, settle_s: float = 2.0,
+                  timeout: float = 30) -> dict:
+    """Kill (``how="kill"``: SIGKILL) or ``supervisorctl restart`` one service of a streaming pipeline.
+
+    Returns what a reliability table needs: recovery time (from the fault, i.e. the kill or
+    the moment the old process was gone, to the first chunk
+    played whose audio was captured after it; for the monitor, to its new process's first
+    heartbeat), the longest pause between chunks starting to play around the fault (as seen
+    on the bus, so it includes telemetry delays), chunks of a stream never played, e2e before and after recovery,
+    whether audio from before the fault was played after recovery (a stale backlog), and the
+    PIDs of every service before and after.
+    """
+    obs = p.observer
+    pids_before = p.pids()
+    t = time.monotonic_ns()
+    before = e2e_stats(_window(obs.played(), t - int(settle_s * 1e9), t))
+    if how == "kill":
+        t = p.kill(service)
+    else:
+        t = _restart_and_time_the_stop(p, service, pids_before[service])
+    deadline = time.monotonic() + timeout
+    if service == "monitor":
+        back = None
+        while back is None and time.monotonic() < deadline:
+            beats = [tb for tb, m in obs.select("heartbeat", "monitor", t) if m.pid != pids_before["monitor"]]
+            back = beats[0] if beats else None
+            time.sleep(0.02)
+        assert back is not None, f"monitor did not come back within {timeout} s"
+    else:
+        back = p.first_good_chunk(t, timeout).t_ns
+    time.sleep(1.0 + settle_s)
+    played = obs.played(t - 1_000_000_000)
+    after = e2e_stats(_window(played, back + 1_000_000_000, back + int((1 + settle_s) * 1e9)))
+    return {
+        "service": service, "fault": "kill -9" if how == "kill" else "supervisorctl restart",
+        "recovery_ms": (back - t) / 1e6,
+        "silence_ms": longest_silence_ms(played, t - 500_000_000, back + 500_000_000, chunk_ms),
+        "missing_chunks": missing_chunks(played, t - 500_000_000, back + 500_000_000, round(chunk_ms * 16)),
+        "before": before, "after": after,
+        "stale_replayed": sum(1 for x in played if x.t_ns > back and x.t_capture_ns < t),
+        "pids_before": pids_before, "pids_after": p.pids(), "t_fault_ns": t, "t_back_ns": back,
+    }

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.jitter import STALL_MS, TRIM_WINDOW, JitterBuffer
+from services.jitter import GROW_LATE, GROW_WINDOW, STALL_MS, TRIM_WINDOW, JitterBuffer
 
 SR = 16000
 NS = 1_000_000_000 // SR  # 62500 ns per sample
@@ -298,3 +298,38 @@ def test_one_early_chunk_after_a_slow_start_does_not_trim():
     arrival = lambda k: on_time(k) + (0 if k == 5 else 10 * MS)  # noqa: E731 - all slow but one
     simulate(jb, chunk_puts(jb, sig, range(30), arrival), blocks_for(30, target_ms=14))
     assert jb.stats.dropped_overflow == 0 and jb.stats.underruns == 0
+
+
+def test_persistent_lateness_grows_the_timeline_once_and_then_audio_plays_again():
+    """From chunk 10 on every chunk arrives 15 ms later than before (a slow inference): after
+    GROW_LATE late arrivals the timeline moves later by their median lateness plus target, and
+    from then on chunks play, in place, with e2e higher by exactly the silence inserted."""
+    n = 60
+    jb = JitterBuffer(target_ms=4, max_ms=60, fade_ms=2)
+    sig = signal(n * C)
+    arrival = lambda k: on_time(k) + (15 * MS if k >= 10 else 0)  # noqa: E731
+    out, results = simulate(jb, chunk_puts(jb, sig, range(n), arrival), blocks_for(n, target_ms=40))
+    assert jb.stats.timeline_grows == 1
+    # Each late chunk was 15 ms - 4 ms target = 11 ms late at its start (measured at arrival,
+    # so up to one read block more), + 4 ms target.
+    grown = jb.stats.grown_samples - 4 * 16
+    assert 11 * 16 <= grown <= 11 * 16 + BLOCK
+    assert jb.stats.dropped_late == GROW_LATE and jb.stats.dropped_overflow == 0
+    got = stream_samples(results, out)
+    played = [s.offset for _, r in results for s in r.starts]
+    # What plays is the source, in place (the late chunks' places were silence).
+    assert all(got[p] == sig[p] for o in played for p in range(o, o + C) if p in got)
+    starts = [(t + s.index * NS - s.t_capture_ns) / MS for t, r in results for s in r.starts]
+    assert starts[0] == pytest.approx(24.0) and starts[-1] == pytest.approx(24.0 + jb.stats.grown_samples / 16)
+    assert len(starts) == n - GROW_LATE
+
+
+def test_one_late_burst_does_not_grow_the_timeline():
+    """A 200 ms stall delays 15 chunks, which then arrive together: dropped late, no growth."""
+    n = 50
+    jb = JitterBuffer(target_ms=4, max_ms=60, fade_ms=2)
+    sig = signal(n * C)
+    arrival = lambda k: max(on_time(k), on_time(14) + 200 * MS) if 14 <= k < 29 else on_time(k)  # noqa: E731
+    simulate(jb, chunk_puts(jb, sig, range(n), arrival), blocks_for(n))
+    assert GROW_LATE <= jb.stats.dropped_late < GROW_WINDOW
+    assert jb.stats.timeline_grows == 0 and jb.stats.dropped_overflow == 0

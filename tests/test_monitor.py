@@ -26,7 +26,7 @@ from bus_helpers import endpoint_overrides, free_port, make_config, wait_until
 from common.bus import Bus
 from common.protocol import encode, make_telemetry
 from services.monitor import MonitorService
-from services.stats import CounterLedger, LogHistogram
+from services.stats import CounterLedger, LogHistogram, OverloadWatch
 
 LLVC = Path(sys.executable).parent / "llvc"
 REPORT_KEYS = {"chunks", "e2e_latency_ms", "underruns", "dropped", "resets", "inference_ms", "rtf",
@@ -174,6 +174,25 @@ def test_ledger_sums_processes_and_notices_a_reused_pid():
     assert ledger.update("playback", "h", 7, {"underruns": 1}, uptime_s=0.2)   # same pid, new process
     assert ledger.update("playback", "other-host", 7, {"underruns": 10})
     assert ledger.total("underruns") == 4 + 1 + 10
+
+
+def test_overload_is_judged_per_interval_and_clears_when_steps_keep_up_again():
+    w = OverloadWatch(interval_s=1.0)
+    assert w.judge(0.0, 13.0, 0) is None                        # first call only sets the baseline
+    for _ in range(50):
+        w.add_step(9.0)
+    assert w.judge(1.0, 13.0, 0) is None and not w.overloaded  # 9 ms steps for 13 ms chunks: fine
+    for _ in range(50):
+        w.add_step(20.0)
+    assert w.judge(1.5, 13.0, 0) is None                        # not yet due
+    assert w.judge(2.0, 13.0, 0) == "overloaded" and "20.0 ms > chunk 13.0" in w.last_reason
+    assert w.judge(3.0, 13.0, 0) is None and w.overloaded       # no steps at all: not cleared
+    w.add_step(5.0)
+    assert w.judge(4.0, 13.0, 7) is None and "7 chunks of backlog" in w.last_reason  # fast but dropping
+    w.add_step(5.0)
+    assert w.judge(5.0, 13.0, 7) == "cleared" and w.last_duration == pytest.approx(3.0)
+    assert w.judge(6.0, None, 9) == "overloaded"                # drops alone, chunk size unknown
+    assert w.episodes == 2 and w.total_seconds(7.5) == pytest.approx(3.0 + 1.5)
 
 
 # ------------------------------------------------------------------------------ service

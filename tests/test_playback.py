@@ -27,7 +27,7 @@ class Playback:
     """The service in a subprocess, a PUSH bound as inference feeding it, a SUB on its telemetry."""
 
     def __init__(self, tmp_path: Path, *sets: str, sink: str = "null", target_ms: float = TARGET_MS,
-                 bind: bool = True):
+                 bind: bool = True, env: dict[str, str] | None = None):
         overrides = [*endpoint_overrides("tcp"), *sets]
         self.cfg = load_pipeline_config(env={}, overrides=overrides)
         self.bus = Bus(self.cfg, "inference")
@@ -40,9 +40,14 @@ class Playback:
         self.thread.start()
         self.log_path = tmp_path / "playback.log"
         self.log = open(self.log_path, "w")
-        args = [str(LLVC), "playback", "--sink", sink, "--target-ms", str(target_ms)]
-        self.proc = subprocess.Popen(args + [a for o in overrides for a in ("--set", o)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.args = [str(LLVC), "playback", "--sink", sink, "--target-ms", str(target_ms),
+                     *[a for o in overrides for a in ("--set", o)]]
+        self.env = env
+        self.spawn()
+
+    def spawn(self) -> None:
+        """Start the process (again, after it was killed: same settings, same log)."""
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
 
     def _collect(self):
         while not self.stop.is_set():
@@ -61,14 +66,19 @@ class Playback:
         assert wait_until(lambda: any(h["ready"] for h in self.of("heartbeat")), timeout=20), self.logs()
 
     def send_stream(self, signal_: np.ndarray, *, skip=(), hold_until: dict | None = None,
-                    source_end: int | None = None, stream: str = "s1") -> None:
+                    source_end: int | None = None, stream: str = "s1", at: dict | None = None) -> None:
         """Chunks of ``signal_`` at real-time cadence with offsets and capture times on one
         schedule. ``skip``: chunks never sent; ``hold_until[k] = j``: chunk k is sent right before
-        chunk j (late, in order). ``source_end`` goes on every chunk reaching it, like capture."""
+        chunk j (late, in order). ``source_end`` goes on every chunk reaching it, like capture.
+        ``at[k]()`` runs when chunk k is due; the schedule then starts over from chunk k."""
         n = len(signal_) // C
         t0 = time.monotonic_ns()
         held = []
         for k in range(n):
+            if at and k in at:
+                time.sleep(max(0, t0 + k * C * NS - time.monotonic_ns()) / 1e9)
+                at[k]()
+                t0 = time.monotonic_ns() - k * C * NS
             due = t0 + k * C * NS
             while (left := due - time.monotonic_ns()) > 0:
                 time.sleep(left / 1e9)
@@ -259,7 +269,7 @@ def test_device_ring_hands_the_callback_the_buffer_in_order_timed_by_dac_time():
     from types import SimpleNamespace
 
     from services.jitter import JitterBuffer
-    from services.playback import DeviceSink
+    from services.sinks import DeviceSink
 
     sink = DeviceSink("device:x", "low", lambda *a, **k: None)
     sink.rate, sink.ring, sink.stream, sink.index = 16000, np.zeros(16000, np.float32), FakeStream(), 0

@@ -1,0 +1,292 @@
+"""Playback's outputs: the paced ``null``/``file:`` clock and the PortAudio device.
+
+Sinks
+  * ``null``: paced by ``CLOCK_MONOTONIC`` exactly like a device: a tick every ``block_ms``,
+    scheduled from the sink's start ``t0`` (tick ``k`` at ``t0 + k * block``, so it never
+    drifts); a block's output time is its scheduled tick time.
+  * ``file:PATH``: the ``null`` pacing plus a :class:`WavRecorder` on PATH: every played sample
+    of the first stream goes into a 32-bit float WAV aligned to the source (file sample ``i`` =
+    stream offset ``i``). When the stream drains the file is exactly ``source_end`` samples
+    long and is closed.
+  * ``device:NAME-or-INDEX``: a PortAudio output stream at the device's own rate. The service
+    reads the jitter buffer, resamples 16 kHz to the device rate and keeps a small ring topped
+    up (one callback's worth plus 3 ms); the audio callback only copies from that ring. Output
+    times come from PortAudio's ``outputBufferDacTime`` mapped to ``CLOCK_MONOTONIC``. Here
+    ``target_ms`` is the slack between a stream's first arrival and the moment its audio leaves
+    the buffer; the ring and the device's latency come on top, and e2e includes them.
+
+The paced sinks run inside :meth:`PlaybackService.loop_once` (one thread: the socket is polled
+until the next tick is due), and every sink feeds its recorders from the service thread, so a
+file is written from the service loop, never from a clock callback.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from services.jitter import SAMPLE_RATE, JitterBuffer, ReadResult
+from services.recorder import SinkError, WavRecorder
+
+MAX_TICKS_PER_PUMP = 50        # a late paced sink catches up at most this many blocks per pump
+RESYNC_NS = 1_000_000_000      # further behind than this (process stopped): restart the schedule
+DEVICE_POLL_NS = 1_000_000     # how often the device ring is topped up
+DEVICE_MARGIN_S = 0.003        # ring fill kept beyond one callback's worth
+#: soxr quality for the device path. Streaming soxr emits HQ/MQ output in ~1500-frame bursts
+#: (up to 37 ms behind its input at 16 -> 48 kHz), LQ up to 20 ms; QQ (cubic) is 0.1 ms behind
+#: and smooth, and its imaging is far below the speech band. Latency wins here.
+RESAMPLE_QUALITY = "QQ"
+
+
+# --------------------------------------------------------------------------- paced sink
+class PacedSink:
+    """``null`` and ``file:``: consumes ``block_ms`` of audio per tick on the monotonic clock,
+    like a device; each block goes to the :attr:`recorders` (a file sink has one)."""
+
+    def __init__(self, spec: str, block_ms: float, log: Callable[..., None]):
+        self.spec = spec
+        self.n = max(1, round(block_ms * SAMPLE_RATE / 1000))
+        self.buf = np.zeros(self.n, np.float32)
+        self.log = log
+        self.recorders: list[WavRecorder] = []
+        self.t0 = 0
+        self.k = 0
+        self.resyncs = 0
+        self.lateness = np.zeros(4096, np.int64)  # how late recent ticks ran, ns (for status)
+        self.ticks = 0
+
+    def open(self) -> None:
+        """Acquire what the sink plays to; raise :class:`SinkError` if it cannot."""
+
+    def start(self, now_ns: int) -> None:
+        """Start the clock: tick k is due at ``now_ns + k * block``."""
+        self.t0, self.k = now_ns, 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"block_ms": self.n * 1000 / SAMPLE_RATE}
+
+    def next_due_ns(self) -> int:
+        return self.t0 + self.k * self.n * 1_000_000_000 // SAMPLE_RATE
+
+    def pump(self, jb: JitterBuffer, now_ns: int) -> list[tuple[ReadResult, int]]:
+        """Run every tick that is due; each reads one block whose output time is its schedule."""
+        if now_ns - self.next_due_ns() > RESYNC_NS:
+            self.resyncs += 1
+            self.log("warning", "sink fell behind; schedule restarted",
+                     behind_ms=(now_ns - self.next_due_ns()) / 1e6)
+            self.start(now_ns)
+        played = []
+        for _ in range(MAX_TICKS_PER_PUMP):
+            t = self.next_due_ns()
+            if t > now_ns:
+                break
+            self.lateness[self.ticks % len(self.lateness)] = now_ns - t
+            self.ticks += 1
+            res = jb.read(self.n, self.buf, t)
+            for r in self.recorders:
+                r.consume(res, self.buf)
+            played.append((res, t))
+            self.k += 1
+        return played
+
+    def counters(self) -> dict[str, int]:
+        return {"sink_resyncs": self.resyncs}
+
+    def status(self) -> dict[str, Any]:
+        late = self.lateness[:min(self.ticks, len(self.lateness))] / 1e6
+        p50, p99, worst = np.percentile(late, [50, 99, 100]) if len(late) else (0.0, 0.0, 0.0)
+        return {"tick_late_ms": [round(float(v), 3) for v in (p50, p99, worst)]}  # recent ticks
+
+    def close(self) -> None:
+        """Release the sink (idempotent)."""
+
+
+# --------------------------------------------------------------------------- device sink
+class DeviceSink:
+    """``device:NAME-or-INDEX``: PortAudio output at the device rate, fed through a ring.
+
+    Only the service thread reads the jitter buffer and runs the resampler; the callback copies
+    ``frames`` samples out of the ring (or zeros where it ran dry) and notes where it was. The
+    ring is single-producer single-consumer over two cumulative frame counters, each written by
+    one side only. Each 16 kHz block read goes to the :attr:`recorders` before resampling.
+    """
+
+    def __init__(self, spec: str, latency: str | float, log: Callable[..., None]):
+        self.spec = spec
+        self.device = spec.partition(":")[2].strip()
+        self.latency = latency
+        self.log = log
+        self.recorders: list[WavRecorder] = []
+        self.stream = None
+        self.index, self.device_name = None, None
+        self.rate = SAMPLE_RATE
+        self.resampler = None
+        self.ring = np.zeros(1, np.float32)
+        self.written = 0         # frames put into the ring (service thread)
+        self.taken = 0           # frames taken out of it (callback)
+        self.fed = 0             # 16 kHz samples read from the jitter buffer
+        self.frames_max = 0      # largest callback seen
+        self.underflows = 0      # PortAudio output-underflow flags
+        self.starved = 0         # callbacks that found the ring short
+        self.last_cb: tuple[int, float, int] | None = None  # (taken, DAC stream time, monotonic ns)
+        self.clock_offset_ns = 0.0  # monotonic ns minus PortAudio stream time in ns
+        self.clock_spread_ns = math.inf
+        self.clock_synced_ns = 0
+        self.due_ns = 0
+        self.buf = np.zeros(SAMPLE_RATE // 10, np.float32)
+
+    # ------------------------------------------------------------------ opening
+    def _resolve(self, sd) -> int:
+        outputs = [(i, d["name"]) for i, d in enumerate(sd.query_devices()) if d["max_output_channels"] > 0]
+        listing = ", ".join(f"{i} {name!r}" for i, name in outputs) or "none"
+        ids = [i for i, _ in outputs]
+        name = self.device
+        if name in ("", "default"):
+            found = [sd.default.device[1]]
+        elif name.isdigit():
+            found = [int(name)]
+        else:
+            exact = [i for i, n in outputs if n.lower() == name.lower()]
+            found = exact or [i for i, n in outputs if name.lower() in n.lower()]
+        if len(found) == 1 and found[0] in ids:
+            return found[0]
+        what = "matches several output devices" if len(found) > 1 else "is not an output device"
+        raise SinkError(f"playback.sink: {name or 'default'!r} {what} (output devices: {listing})")
+
+    def open(self) -> None:
+        try:
+            import sounddevice as sd
+        except OSError as exc:  # no PortAudio library at all
+            raise SinkError(f"playback.sink: PortAudio is not available ({exc})") from None
+        index = self._resolve(sd)
+        self.rate = int(round(sd.query_devices(index)["default_samplerate"]))
+        if self.rate != SAMPLE_RATE:
+            import soxr
+            self.resampler = soxr.ResampleStream(SAMPLE_RATE, self.rate, 1, dtype="float32",
+                                                 quality=RESAMPLE_QUALITY)
+        self.ring = np.zeros(self.rate, np.float32)  # 1 s: far above any fill this keeps
+        try:
+            self.stream = sd.OutputStream(device=index, samplerate=self.rate, channels=1, dtype="float32",
+                                          latency=self.latency, callback=self._callback)
+        except Exception as exc:  # noqa: BLE001 - PortAudio's errors vary by host API
+            raise SinkError(f"playback.sink: cannot open output device {index} "
+                            f"({' '.join(str(exc).split())})") from None
+        self.index, self.device_name = index, sd.query_devices(index)["name"]
+
+    def start(self, now_ns: int) -> None:
+        try:
+            self.stream.start()
+        except Exception as exc:  # noqa: BLE001 - PortAudio's errors vary by host API
+            raise SinkError(f"playback.sink: cannot start output device {self.index} "
+                            f"({' '.join(str(exc).split())})") from None
+        self._sync_clock(now_ns)
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": self.index, "device_name": self.device_name, "device_rate": self.rate,
+                "device_latency_ms": round(self.stream.latency * 1000, 3), "resampler": RESAMPLE_QUALITY}
+
+    def _sync_clock(self, now_ns: int) -> None:
+        """Map PortAudio's stream clock to CLOCK_MONOTONIC by reading both together.
+
+        A reading bracketed tightly (no preemption between the two clock reads) replaces the
+        mapping; a loose one only if the mapping is old, so the two clocks' drift is followed.
+        """
+        a = time.monotonic_ns()
+        st = self.stream.time
+        b = time.monotonic_ns()
+        if b - a <= 2 * self.clock_spread_ns or now_ns - self.clock_synced_ns > 10_000_000_000:
+            self.clock_offset_ns = (a + b) / 2 - st * 1e9
+            self.clock_spread_ns = max(b - a, 1_000)
+            self.clock_synced_ns = now_ns
+
+    # ------------------------------------------------------------------ audio thread
+    def _callback(self, outdata, frames, time_info, status) -> None:
+        if status.output_underflow:
+            self.underflows += 1
+        taken, cap = self.taken, len(self.ring)
+        k = min(frames, self.written - taken)
+        start = taken % cap
+        first = min(k, cap - start)
+        out = outdata[:, 0]
+        out[:first] = self.ring[start:start + first]
+        out[first:k] = self.ring[:k - first]
+        out[k:] = 0.0
+        if k < frames:
+            self.starved += 1
+        if frames > self.frames_max:
+            self.frames_max = frames
+        self.last_cb = (taken, time_info.outputBufferDacTime, time.monotonic_ns())
+        self.taken = taken + k
+
+    # ------------------------------------------------------------------ service thread
+    def next_due_ns(self) -> int:
+        return self.due_ns
+
+    def _frame_time_ns(self, frame: float, now_ns: int) -> int:
+        """When ring frame ``frame`` reaches the DAC, in monotonic ns."""
+        latency_ns = self.stream.latency * 1e9
+        if self.last_cb is None:
+            return int(now_ns + latency_ns + (frame - self.taken) * 1e9 / self.rate)
+        taken, dac, cb_ns = self.last_cb
+        t = dac * 1e9 + self.clock_offset_ns if dac > 0 else cb_ns + latency_ns  # some APIs give 0
+        return int(t + (frame - taken) * 1e9 / self.rate)
+
+    def pump(self, jb: JitterBuffer, now_ns: int) -> list[tuple[ReadResult, int]]:
+        """Top the ring up to one callback's worth plus a margin; returns the block read."""
+        self.due_ns = now_ns + DEVICE_POLL_NS
+        if not self.stream.active:
+            # PortAudio stopped the stream (device unplugged, host error): the loop's errors end
+            # the process with status 1 and supervisord starts it again.
+            raise SinkError(f"output device {self.index} stopped")
+        if now_ns - self.clock_synced_ns > 2_000_000_000:
+            self._sync_clock(now_ns)
+        want = max(self.frames_max, 64) + int(DEVICE_MARGIN_S * self.rate)
+        need = want - (self.written - self.taken)
+        if need <= 0:
+            return []
+        n = min(len(self.buf), -(-math.ceil(need * SAMPLE_RATE / self.rate) // 16) * 16)
+        # Sample j of the jitter buffer's output is ring frame j * rate / 16000: soxr keeps the
+        # two time-aligned (its delay only holds output back; QQ holds back ~5 frames).
+        t_out = self._frame_time_ns(self.fed * self.rate / SAMPLE_RATE, now_ns)
+        # The buffer's clock is when audio leaves it (now), not when it reaches the DAC: target_ms
+        # is slack for arrival jitter, and the device's own latency comes on top (e2e shows it).
+        res = jb.read(n, self.buf, now_ns)
+        for r in self.recorders:
+            r.consume(res, self.buf[:n])
+        self.fed += n
+        y = self.buf[:n] if self.resampler is None else self.resampler.resample_chunk(self.buf[:n])
+        self._push(y)
+        return [(res, t_out)]
+
+    def _push(self, y: np.ndarray) -> None:
+        cap, w = len(self.ring), self.written
+        y = y[:cap - (w - self.taken)]  # never overwrite unread frames (cannot happen at this fill)
+        start = w % cap
+        first = min(len(y), cap - start)
+        self.ring[start:start + first] = y[:first]
+        self.ring[:len(y) - first] = y[first:]
+        self.written = w + len(y)
+
+    def counters(self) -> dict[str, int]:
+        return {"device_underflows": self.underflows, "device_starved": self.starved}
+
+    def status(self) -> dict[str, Any]:
+        return {"device_rate": self.rate, "device_block": self.frames_max}
+
+    def close(self) -> None:
+        if self.stream is not None:
+            try:
+                self.stream.abort()
+                self.stream.close()
+            except Exception as exc:  # noqa: BLE001 - shutting down: report and go on
+                self.log("warning", f"closing the output stream: {exc}")
+            self.stream = None
+
+
+def make_sink(settings, log: Callable[..., None]):
+    """The sink for ``settings.sink``."""
+    if settings.sink.startswith("device:"):
+        return DeviceSink(settings.sink, settings.device_latency, log)
+    return PacedSink(settings.sink, settings.block_ms, log)  # null, or file: (with its recorder)
