@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +75,7 @@ def _plan(src: Path, out_dir: Path) -> list[tuple[Path, Path]]:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``llvc convert``; returns the exit status."""
-    from models.checkpoint import CheckpointError, load_model
-    from models.config import ConfigError
+    from models.checkpoint import load_model
     from models.streaming import StreamingEngine
 
     def fail(msg: str) -> None:

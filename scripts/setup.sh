@@ -5,7 +5,7 @@
 set -euo pipefail
 
 # Debian packages the project needs at run time or in tests.
-APT_PACKAGES="libsndfile1 libportaudio2"
+APT_PACKAGES="libsndfile1 libportaudio2 iproute2 nftables"
 # The CPU build of torch that lies on this machine's disk; any other spec may download a
 # multi-GB CUDA build. Only installed when the venv cannot already import torch.
 TORCH_SPEC="torch==2.13.0"

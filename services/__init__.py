@@ -30,6 +30,14 @@ inference (``services/inference.py``)
   * One engine state per stream id; a new stream id resets it (event ``reset``, reason
     ``new_stream``). A message at offset 0 primes the engine with its first ``head_len``
     samples (the stream's true head).
+  * Which stream is current: a never-seen stream id takes over only if there is no current
+    stream, or its chunk is at offset 0 (a stream start: capture's head), or the current stream
+    has sent nothing for max(4 chunks, 250 ms) (a restarted capture whose head was lost);
+    otherwise its chunks are dropped (``dropped_unknown_stream``), so a stranger's flood of
+    valid chunks mid-stream cannot hijack or disturb the real stream. Chunks of a stream that
+    was current before are dropped (``dropped_stale_stream``). Nothing but CURVE (see
+    ``common/security.py``) stops a sender that starts a stream at offset 0: that is exactly
+    what a capture restart looks like.
   * Re-frames whatever arrives into ``chunk_len`` steps; output chunk ``j`` of a segment covers
     source samples ``[origin + j*chunk_len, ... + chunk_len)`` and is sent with that ``offset``,
     the interpolated ``t_capture_ns``/``t_wall_ns`` of that source sample, ``source_end`` copied
@@ -56,7 +64,10 @@ playback (``services/playback.py``)
     (``dropped_overflow``). Overflow is a fill above ``max_ms``, or slack beyond chunk +
     ``target_ms`` that the last 16 arrivals all had, above max(``target_ms``, 3 ms): then the
     timeline sits later than the arrivals need (a slow first chunk set it) and latency would
-    otherwise stay high for the whole run; the timeline moves earlier by that slack. For a device sink ``target_ms`` counts from when
+    otherwise stay high for the whole run; the timeline moves earlier by that slack. The
+    opposite: when at least half of the last 16 arrivals were late (inference overloaded, a
+    congested link), the timeline moves later by their median lateness plus ``target_ms``
+    (silence inserted, ``timeline_grows``), within ``max_ms``. For a device sink ``target_ms`` counts from when
     audio leaves the buffer; the device's own output latency comes on top (e2e includes it).
   * e2e latency of a chunk = time its first sample reaches the output − its ``t_capture_ns``
     (same host clock; on different hosts this is meaningless, so the monitor must run the

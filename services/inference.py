@@ -10,9 +10,17 @@ How a turn of the loop works, and why:
   receiver rejects and counts it (mirrored as counter ``rejected``, event ``reject`` at most
   once a second).
 * **Streams**: chunks of the current stream id join a work queue. A stream id never seen
-  before is a capture restart: switch to it (reset, reason ``new_stream``). An id seen before
-  that is not current belongs to a replaced stream: dropped (``dropped_stale_stream``), so a
-  flood from a stale sender can neither reset the state nor cost compute.
+  before takes over (reset, reason ``new_stream``) only when it looks like a capture (re)start:
+  there is no current stream yet, or its chunk is a stream start (offset 0: capture begins
+  every stream with its head there), or the current stream has been silent for longer than
+  max(4 chunks, 250 ms) (a restarted capture whose head was lost while inference was briefly
+  unreachable). Otherwise it is dropped (``dropped_unknown_stream``) and not remembered, so a
+  flood of valid chunks from a stranger mid-stream can neither hijack the conversion nor get
+  the real stream's chunks dropped as stale. An id seen before that is not current belongs to
+  a replaced stream: dropped (``dropped_stale_stream``), so a flood from a stale sender can
+  neither reset the state nor cost compute. "Silent" counts from the newest chunk of the
+  current stream received, a whole received batch at a time: a turn that took long (this
+  process was not scheduled) does not make a live stream look silent.
 * **Backlog**: the newest chunk is the present; what still waits before it is how far behind
   live the output runs. Above ``max_backlog_ms`` the oldest queued chunks are dropped until the
   rest fits (reset, reason ``backlog``): a pipeline that fell behind jumps back to live audio
@@ -63,7 +71,8 @@ INFERENCE_SCHEMA = {
 
 #: Counters reported from the first heartbeat on (zeros included, so dashboards see them).
 COUNTERS = ("chunks_in", "chunks_out", "resets", "dropped_inference_backlog", "dropped_inference_send",
-            "dropped_stale_stream", "dropped_duplicate", "rejected", "zero_filled_samples")
+            "dropped_stale_stream", "dropped_unknown_stream", "dropped_duplicate", "rejected",
+            "zero_filled_samples")
 
 NS_PER_S = 1_000_000_000
 RECV_WAIT_MS = 50        # how long an idle turn waits for input
@@ -72,6 +81,16 @@ WARMUP_STEPS = 5
 STATE_CHECK_EVERY = 64   # engine steps between full state checks (the output is checked every step)
 SEEN_STREAMS = 1024      # stream ids remembered as replaced
 RECENT_INPUTS = 256      # input chunks kept per segment for timestamps
+# A never-seen stream id mid-stream replaces the current one only after the current stream has
+# been silent this long: max(TAKEOVER_SILENCE_CHUNKS chunks, TAKEOVER_SILENCE_MS).
+# Long enough that a live stream never looks silent: capture sends a chunk every 13 ms per unit
+# of chunk factor, and network jitter or a capture process not scheduled for a while (100 ms
+# stalls happen on a busy small machine) delay a few chunks. Short enough to cost nothing where
+# it is needed: a restarted capture whose head was lost is a new process that started, imported
+# its modules and waited for a readiness heartbeat (0.25 s apart), so its first chunk comes well
+# over 250 ms after the old stream's last one, and it takes over at once.
+TAKEOVER_SILENCE_CHUNKS = 4
+TAKEOVER_SILENCE_MS = 250.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,6 +154,7 @@ class InferenceService(Service):
         self.device, self.threads = "cpu", 1
         self.host = (socket.gethostname() or "unknown")[:MAX_NAME_LEN]
         self.stream_id: str | None = None
+        self._current_heard_ns = 0          # when the current stream's newest chunk was received
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._queue: deque[_Input] = deque()
         self._seg: _Segment | None = None
@@ -166,6 +186,8 @@ class InferenceService(Service):
         sr = self.engine.sample_rate
         self.max_backlog = max(1, round(s.max_backlog_ms * sr / 1000))
         self.max_gap = round(s.max_gap_ms * sr / 1000)
+        self.takeover_silence_ns = int(max(TAKEOVER_SILENCE_CHUNKS * self.engine.chunk_s,
+                                           TAKEOVER_SILENCE_MS / 1000) * NS_PER_S)
         self._debug_delay_s, self._debug_for_s = s.debug_delay_ms / 1000, s.debug_delay_s
         self._debug_until = None
         if self._debug_delay_s:
@@ -245,6 +267,8 @@ class InferenceService(Service):
                 batch = [first, *self.receiver.drain()]
         recv_ns = time.monotonic_ns()
         self._report_rejects()
+        if any(c.stream_id == self.stream_id for c in batch):
+            self._current_heard_ns = recv_ns  # before anything else in the batch is judged
         for c in batch:
             self._accept(c, recv_ns)
         self._limit_backlog()
@@ -269,14 +293,27 @@ class InferenceService(Service):
             self._rejects_reported, self._reject_event_at = total, now
 
     def _accept(self, c: AudioChunk, recv_ns: int) -> None:
-        """Queue a chunk of the current stream, switch to a new stream, or drop a stale one."""
+        """Queue a chunk of the current stream, switch to a new stream, or drop a stale or
+        unknown one (the rules are in the module docstring)."""
         self.count("chunks_in")
         if c.stream_id != self.stream_id:
             if c.stream_id in self._seen:
                 self.count("dropped_stale_stream")
                 return
+            if not self._may_take_over(c, recv_ns):
+                self.count("dropped_unknown_stream")
+                self._log_limited("unknown_stream", "dropped a chunk of an unknown stream mid-stream",
+                                  stream_id=c.stream_id, offset=c.offset, current=self.stream_id)
+                return
             self._switch_stream(c)
+        self._current_heard_ns = recv_ns
         self._queue.append(_Input(c, recv_ns))
+
+    def _may_take_over(self, c: AudioChunk, recv_ns: int) -> bool:
+        """Whether a never-seen stream id may become current: no current stream, a stream start
+        (offset 0), or a current stream silent for longer than ``takeover_silence_ns``."""
+        return (self.stream_id is None or c.offset == 0
+                or recv_ns - self._current_heard_ns > self.takeover_silence_ns)
 
     def _switch_stream(self, c: AudioChunk) -> None:
         if self._queue:  # the replaced stream's unprocessed chunks are stale now

@@ -24,8 +24,8 @@ Growth: when chunks keep arriving after their place was played (at least ``GROW_
 last ``GROW_WINDOW`` arrivals, spread over at least ``GROW_SPAN_MS`` of arrival time: an
 inference that cannot keep up, a congested link), the
 timeline moves later: reads pause for the median lateness of those arrivals plus
-``target_ms`` (silence, counted as ``grown_samples``), capped so the buffer stays within
-``max_ms``. Without it a fixed timeline set while things were fast drops everything once they
+``target_ms`` (silence, counted as ``grown_samples``), capped so that neither the buffer's
+fill nor the timeline's total growth exceeds ``max_ms``. Without it a fixed timeline set while things were fast drops everything once they
 are slow. One late burst (a stall: its chunks arrive together) does not grow it; persistent unused slack
 afterwards is trimmed again by the overflow rule above, so latency comes back down.
 
@@ -165,6 +165,7 @@ class JitterBuffer:
         # (arrival ns, samples late) of recent arrivals
         self._lateness: deque[tuple[int, int]] = deque(maxlen=GROW_WINDOW)
         self._pause = 0       # reads still to pause for (silence before the timeline goes on)
+        self._grown = 0       # how much later than its start the timeline runs now (growth - trims)
         self._valid[:] = False
 
     def _retire(self, drained: bool = False) -> None:
@@ -268,6 +269,7 @@ class JitterBuffer:
             # Dropped: what was buffered below the new position, and this chunk's part below it.
             overflow = (self._discard(self.read_pos, new_pos)
                         + max(0, min(end, new_pos) - max(offset, self.read_pos)))
+            self._grown = max(0, self._grown - (new_pos - self.read_pos))
             self.read_pos = new_pos
             self.stats.dropped_overflow += 1
             self.stats.overflow_samples += overflow
@@ -286,11 +288,16 @@ class JitterBuffer:
         late = [(t, x) for t, x in self._lateness if x > 0]
         if len(late) < GROW_LATE or late[-1][0] - late[0][0] < GROW_SPAN_MS * 1e6:
             return
-        room = self.max - (self.newest_end - self.read_pos) - self._pause - n_new
+        # Bounded twice by max_ms: the buffer's fill, and the timeline's total growth (after a
+        # long stall the read position runs ahead of the data, and growth after growth would
+        # otherwise follow every retransmission stall of a lossy link).
+        room = min(self.max - max(0, self.newest_end - self.read_pos) - self._pause - n_new,
+                   self.max - self.target - self._grown)
         grow = min(int(np.median([x for _, x in late])) + self.target, room)
         if grow <= 0:
             return  # already as late as max_ms allows: drops are the only way to stay bounded
         self._pause += grow
+        self._grown += grow
         self._lateness.clear()
         self._slack.clear()
         self.stats.timeline_grows += 1

@@ -28,6 +28,10 @@ from services.sinks import make_sink
 NS_PER_SAMPLE = 1_000_000_000 / SAMPLE_RATE
 SLICE_NS = 50_000_000          # one loop_once: at most this long, so SIGTERM is noticed quickly
 REPORT_INTERVAL_S = 0.5        # frequent events (underruns, drops, rejects): at most 2 reports/s
+#: Without a connection to inference for this long, dial again by hand. ZeroMQ reconnects by
+#: itself after a peer goes away, but not after a protocol error (libzmq 4.3: a message over
+#: MAXMSGSIZE from the binder ends the session for good), which would leave playback deaf.
+REDIAL_S = 1.0
 
 
 def _sink_problem(v: str) -> str | None:
@@ -102,6 +106,8 @@ class PlaybackService(Service):
         self.receiver = None
         self.monitor_socket = None
         self.connected = False
+        self._unconnected_since = time.monotonic()
+        self.redials = 0
         self.throttles = {k: Throttle() for k in ("underrun", "late", "overflow", "reject")}
         self.rejects_seen = 0
 
@@ -140,10 +146,27 @@ class PlaybackService(Service):
             except zmq.Again:
                 break
             self.connected = ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            self._unconnected_since = time.monotonic()
+        if not self.connected and self.monitor_socket is not None \
+                and time.monotonic() - self._unconnected_since > REDIAL_S:
+            self._redial()
         if self.connected != self.ready:
             self.ready = self.connected
             self.log("info", "ready" if self.ready else "inference disconnected")
             self.heartbeat()  # say it now: capture is waiting for it
+
+    def _redial(self) -> None:
+        address = self.cfg.endpoint("audio_out").connect
+        sock = self.receiver.socket
+        try:
+            sock.disconnect(address)
+        except zmq.ZMQError:
+            pass  # the endpoint is already gone (how a protocol error leaves it)
+        sock.connect(address)
+        self.redials += 1
+        self._unconnected_since = time.monotonic()
+        if self.redials == 1 or self.redials % 60 == 0:  # once, then once a minute while it lasts
+            self.log("warning", "no connection to inference: dialing again", address=address, redials=self.redials)
 
     def loop_once(self) -> None:
         self._watch_connection()
@@ -204,6 +227,7 @@ class PlaybackService(Service):
         for r in self.recorders:
             self.counters.update(r.counters())
         self.counters["rejected"] = self.receiver.rejected
+        self.counters["redials"] = self.redials
         self.counters["received"] = self.receiver.received
         if self.receiver.rejected > self.rejects_seen:
             self.throttles["reject"].add(rejected=self.receiver.rejected - self.rejects_seen)

@@ -26,7 +26,7 @@ import time
 import xmlrpc.client
 from pathlib import Path
 
-from common.config import PipelineConfigError, add_config_arguments, config_from_args
+from common.config import PipelineConfigError, add_config_arguments
 
 REPO = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = REPO / "supervisord.conf"
@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument("--source", help="file:PATH | device:NAME | tone | clicks | silence (capture.source)")
     p.add_argument("--sink", help="file:PATH | device:NAME | null (playback.sink)")
+    p.add_argument("--record", metavar="PATH", help="also write what is played to this WAV, beside any sink "
+                   "(playback.record)")
     p.add_argument("-p", "--checkpoint", help="LLVC checkpoint (model.checkpoint); default: untrained model")
     p.add_argument("-c", "--config", dest="model_config", help="model config JSON (model.config)")
     p.add_argument("-n", "--chunk-factor", type=int, help="chunk = 13*16*N samples (model.chunk_factor)")
@@ -79,6 +81,8 @@ def build_environment(args: argparse.Namespace, run_dir: Path) -> dict[str, str]
         settings["capture.source"] = _abs_path_spec(args.source)
     if args.sink:
         settings["playback.sink"] = _abs_path_spec(args.sink)
+    if args.record:
+        settings["playback.record"] = str(Path(args.record).expanduser().resolve())
     if args.checkpoint:
         settings["model.checkpoint"] = str(Path(args.checkpoint).resolve())
     if args.model_config:
@@ -184,6 +188,23 @@ class Supervisor:
                 pass
 
 
+def _setup_failure(run_dir: Path, name: str) -> str | None:
+    """The cause, if the program's newest process ended in its one-line ``cannot start:`` error.
+
+    Judged by whichever came last in its log, ``cannot start:`` or ``started``, so a process
+    that started fine and crashed later is not mistaken for a configuration error.
+    """
+    log = run_dir / f"{name}.log"
+    if not log.exists():
+        return None
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if f" {name} ERROR cannot start: " in line:
+            return line.split("cannot start: ", 1)[1]
+        if f" {name} INFO started " in line:
+            return None
+    return None
+
+
 def _last_error(run_dir: Path, name: str) -> str:
     log = run_dir / f"{name}.log"
     if not log.exists():
@@ -195,7 +216,7 @@ def _last_error(run_dir: Path, name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``llvc run``."""
-    from common.bus import Bus
+    from common.bus import Bus, BusError
 
     stop = {"signal": None}
 
@@ -226,11 +247,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Validate with exactly what the services will see.
         from common.config import load_pipeline_config
+        from common.security import SecurityError, load_keys
         from services.base import chunk_geometry
 
         cfg = load_pipeline_config(env.get("LLVC_PIPELINE_CONFIG"), env=env)
         chunk_geometry(cfg)
-    except PipelineConfigError as exc:
+        if cfg.security.curve:  # our own telemetry tap needs them too: say so before starting anything
+            load_keys(cfg.security.keys_dir)
+    except (PipelineConfigError, SecurityError) as exc:
         return fail(str(exc))
     print(f"llvc run: run folder {run_dir} (logs), services: {', '.join(services)}", flush=True)
 
@@ -272,14 +296,18 @@ def run(args: argparse.Namespace) -> int:
                     # Our services exit 2 on a setup error (bad config, missing file, port in
                     # use): retrying cannot help, so say so now instead of letting supervisord
                     # restart it forever (it may have outlived startsecs while importing torch).
-                    if info["exitstatus"] == 2 and "cannot start" in _last_error(run_dir, name):
-                        raise RunError(f"{name} cannot start: {_last_error(run_dir, name).split('cannot start: ', 1)[-1]}")
+                    # Not by exit status: a process that exits within startsecs is BACKOFF with
+                    # no exit status, and would only be reported once FATAL, retries later.
+                    cause = (_setup_failure(run_dir, name)
+                             if state in ("BACKOFF", "EXITED", "FATAL") else None)
+                    if cause is not None:
+                        raise RunError(f"{name} cannot start: {cause}")
                     if state == "FATAL":
                         raise RunError(f"{name} failed: {_last_error(run_dir, name)}")
         if stop["signal"] is not None:
             print("llvc run: interrupted, shutting down", flush=True)
             status = 130 if stop["signal"] == signal.SIGINT else 143
-    except RunError as exc:
+    except (RunError, BusError) as exc:
         print(f"llvc run: error: {exc}", file=sys.stderr, flush=True)
         status = 1
     finally:

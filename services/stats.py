@@ -206,8 +206,10 @@ class OverloadWatch:
 
     Judged every ``interval_s`` over what arrived since the previous judgement (not over the
     rolling window, so that the end of an overload shows within one interval): overloaded when
-    the mean step time exceeded the chunk duration, or when inference dropped backlog (it
-    fell so far behind that it skipped audio to get back to live).
+    the mean step time exceeded the chunk duration, or when inference dropped backlog while its
+    steps took more than half the chunk duration (it fell behind on its own). Backlog dropped
+    while steps are fast is the network's doing (a burst after a stall or a retransmission),
+    not overload: those drops show as drops.
     """
 
     def __init__(self, interval_s: float = 1.0):
@@ -245,7 +247,8 @@ class OverloadWatch:
         self._proc_sum, self._proc_n = 0.0, 0
         slow = mean_ms is not None and chunk_ms is not None and mean_ms > chunk_ms
         reasons = [f"mean step {mean_ms:.1f} ms > chunk {chunk_ms:.1f} ms"] if slow else []
-        if dropped > 0:
+        busy = chunk_ms is None or (mean_ms is not None and mean_ms > chunk_ms / 2)
+        if dropped > 0 and busy:
             reasons.append(f"{dropped} chunks of backlog dropped")
         if reasons and not self.overloaded:
             self.overloaded, self.since, self.episodes = True, now, self.episodes + 1

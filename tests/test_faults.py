@@ -60,6 +60,7 @@ def test_each_service_restarted_in_turn_the_others_keep_running_and_audio_resume
         for svc in ("monitor", "capture", "playback", "inference"):
             results[svc] = r = restart_fault(p, svc, how, CHUNK_MS)
             check_recovered(r)
+        t_stop = time.monotonic_ns()
         report = p.stop()
 
     # The monitor's return: a new monitor lost no audio (it is not on the audio path) ...
@@ -73,10 +74,15 @@ def test_each_service_restarted_in_turn_the_others_keep_running_and_audio_resume
     # (their counters arrive in nothing it saw, so only the live ones count).
     assert report is not None, p.text()[-2000:]
     assert report["services"]["capture"]["restarts"] >= 1 and report["services"]["inference"]["restarts"] >= 1
-    last = {}
-    for t, msg in obs.select("heartbeat", "playback", results["capture"]["t_fault_ns"]):
-        last[msg.pid] = msg.data["counters"].get("underruns", 0)
-    assert report["underruns"] == sum(last.values()), (report["underruns"], last)
+    # Each process's final heartbeat, sent as it stops, may reach one subscriber and not another
+    # (sockets close without lingering), so the report lies between the sums before and after.
+    def summed(until_ns: float) -> int:
+        last = {}
+        for t, msg in obs.select("heartbeat", "playback", m["t_back_ns"]):
+            if t < until_ns:
+                last[msg.pid] = msg.data["counters"].get("underruns", 0)
+        return sum(last.values())
+    assert summed(t_stop) <= report["underruns"] <= summed(float("inf")), report["underruns"]
 
     # A restarted capture starts a new stream; inference resets for it; playback starts it.
     c = results["capture"]

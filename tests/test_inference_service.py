@@ -262,6 +262,45 @@ def test_new_stream_resets_and_the_replaced_stream_is_dropped():
     assert counters["resets"] == 2 and counters["chunks_in"] == 15
 
 
+def test_unknown_stream_mid_stream_takes_over_only_once_the_current_stream_falls_silent():
+    rng = np.random.default_rng(9)
+    a = stream_chunks(rng.uniform(-0.5, 0.5, HEAD + 12 * C).astype(np.float32), stream_id="a")
+    u = stream_chunks(rng.uniform(-0.5, 0.5, HEAD + 40 * C).astype(np.float32), stream_id="u")
+    with Harness(config(), model_kind="passthrough") as h:
+        bound = h.svc.takeover_silence_ns
+        assert bound == 250_000_000  # max(4 chunks of 13 ms, 250 ms) at chunk factor 1
+        # No current stream: a stream joined late (its head never came) is taken at any offset.
+        h.feed_paced(a[3:5])
+        # While it is live, a stranger's valid chunks (mid-stream, never seen) are dropped. The
+        # bound is raised for this part only, so that this test thread stalling on a busy
+        # machine cannot make stream a look silent between two of its chunks.
+        h.svc.takeover_silence_ns = 60 * 10**9
+        for k in range(5, 10):
+            for c in u[5:25]:
+                h.send(c)
+            h.feed_paced([a[k]])
+        counters = h.counters(dropped_unknown_stream=100, chunks_in=107)
+        assert counters["resets"] == 1 and counters["dropped_stale_stream"] == 0
+        assert [c.stream_id for c in h.outputs] == ["a"] * 7
+        assert [c.offset for c in h.outputs] == [a[3].offset - HEAD + k * C for k in range(7)]
+        assert h.heartbeats()[-1]["stream_id"] == "a"
+        # Stream a falls silent for longer than the (real) bound: the stranger takes over mid-stream,
+        # on the chunk grid with a silent head, and a's late chunks are now stale.
+        h.svc.takeover_silence_ns = bound
+        time.sleep(3 * bound / 1e9)
+        h.feed_paced(u[30:33])
+        h.send(a[10])
+        h.feed_paced(u[33:34])
+        counters = h.counters(dropped_stale_stream=1, chunks_out=11)
+        resets = h.events("reset")
+    from_u = [c for c in h.outputs if c.stream_id == "u"]
+    assert [c.offset for c in from_u] == [u[30].offset - HEAD + k * C for k in range(4)]
+    assert from_u[0].seq == 0 and from_u[0].stages[-1].reset
+    assert [(r["stream_id"], r["reason"], r["offset"]) for r in resets] == [("a", "new_stream", a[3].offset),
+                                                                           ("u", "new_stream", u[30].offset)]
+    assert counters["dropped_unknown_stream"] == 100 and counters["resets"] == 2
+
+
 def test_short_gap_is_zero_filled_and_long_gap_resets_on_the_grid():
     x = np.random.default_rng(4).uniform(-0.5, 0.5, HEAD + 40 * C).astype(np.float32)
     chunks = stream_chunks(x)  # chunks[k + 1] is chunk k, at offset 16 + 208k

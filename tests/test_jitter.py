@@ -333,3 +333,19 @@ def test_one_late_burst_does_not_grow_the_timeline():
     simulate(jb, chunk_puts(jb, sig, range(n), arrival), blocks_for(n))
     assert GROW_LATE <= jb.stats.dropped_late < GROW_WINDOW
     assert jb.stats.timeline_grows == 0 and jb.stats.dropped_overflow == 0
+
+
+def test_growth_never_takes_the_timeline_more_than_max_ms_later():
+    """Every 20 chunks the sender falls another 25 ms behind (stalls of a lossy link): each time
+    the read position runs ahead of the data and the arrivals are persistently late. The
+    timeline grows, but never past max_ms later than it started; beyond that late audio is
+    dropped, which is what keeps latency bounded."""
+    n = 200
+    jb = JitterBuffer(target_ms=4, max_ms=40, fade_ms=2)
+    sig = signal(n * C)
+    arrival = lambda k: on_time(k) + (k // 20) * 25 * MS  # noqa: E731
+    out, results = simulate(jb, chunk_puts(jb, sig, range(n), arrival), blocks_for(n, target_ms=700))
+    e2e = [(t + s.index * NS - s.t_capture_ns) / MS for t, r in results for s in r.starts]
+    assert jb.stats.timeline_grows >= 1
+    assert max(e2e) <= e2e[0] + 40 + BLOCK / 16, (e2e[0], max(e2e))
+    assert jb.stats.dropped_late > n / 2

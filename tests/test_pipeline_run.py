@@ -141,13 +141,15 @@ def test_run_options_become_the_services_settings(tmp_path, monkeypatch):
     (tmp_path / "clip.wav").write_bytes(b"")
     p = argparse.ArgumentParser()
     add_arguments(p)
-    args = p.parse_args(["--source", "file:clip.wav", "--sink", "device:1", "-n", "2", "--passthrough",
+    args = p.parse_args(["--source", "file:clip.wav", "--sink", "device:1", "--record", "rec.wav", "-n", "2",
+                         "--passthrough",
                          "--set", "bus.send_hwm=8", "--set", "playback.target_ms=6.5"])
     env = build_environment(args, tmp_path / "run")
     cfg = load_pipeline_config(None, env=env)
     assert cfg.bus.send_hwm == 8
     assert cfg.services["capture"]["source"] == f"file:{tmp_path / 'clip.wav'}"
     assert cfg.services["playback"]["sink"] == "device:1"  # stays a string, not the number 1
+    assert cfg.services["playback"]["record"] == str(tmp_path / "rec.wav")
     assert cfg.services["playback"]["target_ms"] == 6.5
     assert cfg.services["monitor"]["report"] == str(tmp_path / "run" / "report.json")
     m = model_settings(cfg)
