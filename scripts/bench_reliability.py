@@ -107,8 +107,10 @@ def bench_overload(delay_ms: float = 20.0, seconds: float = 10.0) -> dict:
         counters_i, counters_p = obs.counters("inference"), obs.counters("playback")
         overloaded = obs.events("overloaded", "monitor")
         report = p.stop()
+    steps = obs.select("chunk", "inference")
+    t_first = steps[0][0] if steps else t0  # the slowdown starts with the first step
     out = {"delay_ms": delay_ms, "during": during, "after": after,
-           "said_overloaded_after_ms": (overloaded[0][0] - t0) / 1e6 if overloaded else None,
+           "said_overloaded_after_ms": (overloaded[0][0] - t_first) / 1e6 if overloaded else None,
            "back_to_normal_after_clear_ms": (normal[0].t_ns - t_clear) / 1e6 if normal else None,
            "rss_mb_min_max": [min(rss), max(rss)],
            "backlog_dropped": counters_i.get("dropped_inference_backlog"),
@@ -118,8 +120,7 @@ def bench_overload(delay_ms: float = 20.0, seconds: float = 10.0) -> dict:
     print_table(["phase", "chunks played", "e2e p50 ms", "e2e p99 ms"],
                 [["during", str(during["n"]), fmt(during["p50"]), fmt(during["p99"])],
                  ["after (from clear + 2 s)", str(after["n"]), fmt(after["p50"]), fmt(after["p99"])]])
-    print(f"monitor said overloaded {fmt(out['said_overloaded_after_ms'], 0)} ms after the first step was "
-          f"measured; latency <= 40 ms again {fmt(out['back_to_normal_after_clear_ms'], 0)} ms after it cleared; "
+    print(f"monitor said overloaded {fmt(out['said_overloaded_after_ms'], 0)} ms after the first slow step; latency <= 40 ms again {fmt(out['back_to_normal_after_clear_ms'], 0)} ms after it cleared; "
           f"inference RSS {out['rss_mb_min_max'][0]:.1f}-{out['rss_mb_min_max'][1]:.1f} MB; "
           f"backlog chunks dropped {out['backlog_dropped']}, late chunks dropped {out['late_dropped']}, "
           f"timeline grew {out['timeline_grows']} times")
@@ -148,6 +149,7 @@ def bench_soak(minutes: float) -> dict:
             time.sleep(10)
         samples.append({name: _rss_mb(pid) for name, pid in pids.items() if pid})
         played = obs.played(t0)
+        episodes = drop_episodes(obs, t0)
         report = p.stop()
         restarted = {k: v for k, v in restarts_by_service(pids, report).items() if v}
     minute_ns = 60_000_000_000
@@ -161,7 +163,8 @@ def bench_soak(minutes: float) -> dict:
            "e2e_first_minute": first, "e2e_last_minute": last,
            "p99_change_pct": (last["p99"] - first["p99"]) / first["p99"] * 100 if first["p99"] else None,
            "underruns": report["underruns"] if report else None, "dropped": report["dropped"] if report else None,
-           "chunks": report["chunks"] if report else None, "restarted": restarted}
+           "chunks": report["chunks"] if report else None, "restarted": restarted,
+           "drop_episodes": episodes}
     print(f"\nSoak: {minutes:g} min, RSS sampled every 10 s")
     print_table(["service", "RSS first MB", "RSS last MB", "growth %"],
                 [[n, fmt(samples[1][n]), fmt(samples[-1][n]), fmt(growth[n], 2)] for n in growth])
@@ -170,6 +173,38 @@ def bench_soak(minutes: float) -> dict:
                  ["last minute", str(last["n"]), fmt(last["p50"]), fmt(last["p99"])]])
     print(f"p99 change {fmt(out['p99_change_pct'])} %; underruns {out['underruns']}, dropped {out['dropped']}, "
           f"chunks {out['chunks']}, restarts {restarted or 'none'}")
+    causes: dict[str, int] = {}
+    for e in episodes:
+        causes[e["cause"]] = causes.get(e["cause"], 0) + e["chunks"]
+    print(f"drop episodes: {len(episodes)}; chunks dropped by cause: {causes or 'none'}")
+    return out
+
+
+def drop_episodes(obs, since_ns: int) -> list[dict]:
+    """Each heartbeat interval in which playback dropped or invented audio, with its likely cause.
+
+    A chunk is late when it arrives more than ``target_ms`` after the timeline expects it. If an
+    inference step around that time took ``target_ms`` longer than the typical step, the
+    processing spike explains it; otherwise the cause is scheduling or transport (no step was
+    slow, so a process was not run in time).
+    """
+    beats = [(t, m) for t, m in obs.select("heartbeat", "playback", since_ns)]
+    steps = [(t, m.data.get("proc_ms", 0.0)) for t, m in obs.select("chunk", "inference", since_ns)]
+    typical = float(np.median([ms for _, ms in steps])) if steps else 0.0
+    out = []
+    for (t0, a), (t1, b) in zip(beats, beats[1:]):
+        ca, cb = a.data.get("counters", {}), b.data.get("counters", {})
+        late = cb.get("dropped_late", 0) - ca.get("dropped_late", 0)
+        under = cb.get("underruns", 0) - ca.get("underruns", 0)
+        if a.pid != b.pid or (late <= 0 and under <= 0):
+            continue
+        target = b.data.get("target_ms", 6.0)
+        near = [ms for t, ms in steps if t0 - 300_000_000 <= t <= t1]
+        worst = max(near, default=0.0)
+        cause = ("inference step spike (> typical + target_ms)" if worst > typical + target
+                 else "scheduling/transport (no slow step)")
+        out.append({"t_s": (t1 - since_ns) / 1e9, "late_chunks": late, "underruns": under,
+                    "chunks": max(late, under), "worst_step_ms": worst, "cause": cause})
     return out
 
 

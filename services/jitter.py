@@ -26,8 +26,9 @@ inference that cannot keep up, a congested link), the
 timeline moves later: reads pause for the median lateness of those arrivals plus
 ``target_ms`` (silence, counted as ``grown_samples``), capped so that neither the buffer's
 fill nor the timeline's total growth exceeds ``max_ms``. Without it a fixed timeline set while things were fast drops everything once they
-are slow. One late burst (a stall: its chunks arrive together) does not grow it; persistent unused slack
-afterwards is trimmed again by the overflow rule above, so latency comes back down.
+are slow. One late burst (a stall: its chunks arrive together) does not grow it. Once the
+lateness is over, slack that persists over ``TRIM_WINDOW`` arrivals is given back, down to
+1 ms and at most what was grown, so latency returns to where it was.
 
 Storage is a ring of ``max_ms`` (plus a second of headroom for reads) with a validity mask:
 position ``p`` lives at ``p % capacity``. The overflow rule is applied *before* a chunk is
@@ -54,7 +55,7 @@ TRIM_WINDOW = 16
 #: timeline to grow, and over how much arrival time those late ones must spread: a stall's
 #: chunks arrive together, however many they are, and must not grow it.
 GROW_WINDOW = 16
-GROW_LATE = 8
+GROW_LATE = 12
 GROW_SPAN_MS = 80.0
 #: Stream ids remembered after they were replaced or drained, so stragglers are ignored
 #: instead of switching the output back to an old stream.
@@ -259,9 +260,13 @@ class JitterBuffer:
         new_pos = None
         if self.playing and end == self.newest_end and offset >= self.read_pos:
             self._slack.append(self.newest_end - self.read_pos + self._pause - (n_new + self.target))
-            if (len(self._slack) == TRIM_WINDOW
-                    and min(self._slack) > max(self.target, ms_to_samples(3.0, self.sr))):
-                new_pos = self.read_pos + min(self._slack)
+            spare = min(self._slack) if len(self._slack) == TRIM_WINDOW else 0
+            if spare > max(self.target, ms_to_samples(3.0, self.sr)):
+                new_pos = self.read_pos + spare
+            elif self._grown and spare > ms_to_samples(1.0, self.sr):
+                # Lateness made the timeline grow and is over: give the growth back, down to
+                # a millisecond, so that latency returns to where it was before.
+                new_pos = self.read_pos + min(spare, self._grown)
         if self.newest_end - self.read_pos > self.max:
             new_pos = self.newest_end - (n_new + self.target)
         if new_pos is not None:

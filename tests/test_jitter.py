@@ -349,3 +349,20 @@ def test_growth_never_takes_the_timeline_more_than_max_ms_later():
     assert jb.stats.timeline_grows >= 1
     assert max(e2e) <= e2e[0] + 40 + BLOCK / 16, (e2e[0], max(e2e))
     assert jb.stats.dropped_late > n / 2
+
+
+def test_growth_is_given_back_once_the_lateness_is_over():
+    """Chunks 10-39 arrive 6 ms late (2 ms past a 4 ms target): the timeline grows by about
+    6 ms. From chunk 40 on they arrive 3 ms late: 3 ms of the growth is no longer needed and is
+    given back, although 3 ms is below what the plain trim rule takes (max(target, 3 ms))."""
+    n = 90
+    jb = JitterBuffer(target_ms=4, max_ms=60, fade_ms=2)
+    sig = signal(n * C)
+    arrival = lambda k: on_time(k) + (6 * MS if 10 <= k < 40 else 3 * MS if k >= 40 else 0)  # noqa: E731
+    out, results = simulate(jb, chunk_puts(jb, sig, range(n), arrival), blocks_for(n, target_ms=20))
+    e2e = [(t + s.index * NS - s.t_capture_ns) / MS for t, r in results for s in r.starts]
+    assert jb.stats.timeline_grows == 1
+    grown_ms = jb.stats.grown_samples / 16
+    assert e2e[-1] == pytest.approx(e2e[0] + 3.0, abs=BLOCK / 16)   # what the 3 ms lag needs
+    assert e2e[-1] < e2e[0] + grown_ms - 2
+    assert jb.stats.dropped_late == GROW_LATE  # only those that made it grow
