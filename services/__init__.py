@@ -65,10 +65,12 @@ playback (``services/playback.py``)
     ``target_ms`` that the last 16 arrivals all had, above max(``target_ms``, 3 ms): then the
     timeline sits later than the arrivals need (a slow first chunk set it) and latency would
     otherwise stay high for the whole run; the timeline moves earlier by that slack. The
-    opposite: when at least half of the last 16 arrivals were late (inference overloaded, a
-    congested link), the timeline moves later by their median lateness plus ``target_ms``
-    (silence inserted, ``timeline_grows``), within ``max_ms``. For a device sink ``target_ms`` counts from when
-    audio leaves the buffer; the device's own output latency comes on top (e2e includes it).
+    opposite: when at least 12 of the last 16 arrivals were late, spread over 80 ms or more
+    (inference overloaded, a congested link), the timeline moves later by their median
+    lateness plus ``target_ms`` (silence inserted, ``timeline_grows``), within ``max_ms``; once
+    arrivals are early again the growth is given back, down to 1 ms. For a device sink
+    ``target_ms`` counts from when audio leaves the buffer; the device's own output latency
+    comes on top (e2e includes it).
   * e2e latency of a chunk = time its first sample reaches the output − its ``t_capture_ns``
     (same host clock; on different hosts this is meaningless, so the monitor must run the
     latency figures from playback on the capture host). Published as
