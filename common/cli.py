@@ -11,6 +11,8 @@ import sys
 # name -> (module, help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS = {
     "convert": ("models.convert", "convert audio files with LLVC (offline or streamed)"),
+    "bench": ("models.bench", "benchmark the streaming step per backend, chunk factor and threads"),
+    "export": ("models.export", "export the streaming step to ONNX for the torch-free ONNX Runtime engine"),
     "download": ("models.download", "fetch upstream's released checkpoint from the Hugging Face hub"),
     "run": ("services.run", "run the whole pipeline under supervisord and print the monitor's report"),
     "capture": ("services.capture", "service: capture audio (device, file or test signal) and send chunks"),

@@ -126,31 +126,3 @@ class StreamingEngine(StreamGeometry):
         if t.dim() != 1 or t.shape[0] != n:
             raise ValueError(f"{what} must be 1-D with exactly {n} samples, got shape {tuple(t.shape)}")
         return t.to(device=self.device, dtype=torch.float32)
-
-    def convert(self, signal: np.ndarray, on_chunk=None) -> np.ndarray:
-        """Stream a whole signal and return its conversion, aligned and of the same length.
-
-        Resets the engine, primes it with the signal's head and feeds the rest chunk by chunk,
-        zero-padded at the end so the last samples' lookahead is there. Because the head went
-        in through :meth:`prime`, output sample ``m`` is the conversion of input sample ``m``.
-        ``on_chunk(seconds)`` is called with each chunk's processing time. Equals the offline
-        forward except in the final partial decoder window (offline pads it with zero frames,
-        a live stream never ends).
-        """
-        import time
-
-        x = np.asarray(signal, dtype=np.float32)
-        n, C, H = len(x), self.chunk_len, self.head_len
-        self.reset()
-        self.prime(x[:H] if n >= H else np.pad(x, (0, H - n)))
-        body = x[H:]
-        n_chunks = -(-n // C)
-        padded = np.zeros(n_chunks * C, dtype=np.float32)
-        padded[: len(body)] = body
-        out = np.empty(n_chunks * C, dtype=np.float32)
-        for k in range(n_chunks):
-            t0 = time.perf_counter()
-            out[k * C:(k + 1) * C] = self.process(padded[k * C:(k + 1) * C])
-            if on_chunk is not None:
-                on_chunk(time.perf_counter() - t0)
-        return out[:n]
