@@ -242,11 +242,18 @@ def run_bench(backends=("reference", "eager", "onnx"), chunk_factors=DEFAULT_CHU
                     log(f"chunk factor {cf}, {th} thread(s): {', '.join(names)}")
                     report["settings"].append(
                         _bench_setting(model, info, names, cf, th, x, warmup, repeats, workdir))
+            if cold_start_run:
+                cf, th = chunk_factors[0], threads_list[0]
+                log("cold start of `llvc inference`")
+                report["cold_start"] = cold_start(cf, th, checkpoint, config)
+                artifact = Path(workdir) / f"llvc-cf{cf}.onnx"
+                if artifact.exists():  # the onnx backend ran: the same service on its artifact
+                    log("cold start of `llvc inference` on the onnx backend")
+                    report["cold_start_onnx"] = cold_start(
+                        cf, th, checkpoint, config,
+                        extra=("--set", "inference.backend=onnx", "--set", f"inference.artifact={artifact}"))
     finally:
         torch.set_num_threads(threads_before)
-    if cold_start_run:
-        log("cold start of `llvc inference`")
-        report["cold_start"] = cold_start(chunk_factors[0], threads_list[0], checkpoint, config)
     return report
 
 
@@ -290,7 +297,7 @@ def _rss_mib(pid: int) -> float | None:
 
 
 def cold_start(chunk_factor: int = 1, threads: int = 1, checkpoint=None, config=None,
-               timeout: float = 120.0) -> dict:
+               timeout: float = 120.0, extra: tuple[str, ...] = ()) -> dict:
     """Start ``llvc inference`` on private ports; time process start -> first output chunk.
 
     Sends the stream head and chunks of low noise as soon as the service accepts them (capture's
@@ -310,7 +317,8 @@ def cold_start(chunk_factor: int = 1, threads: int = 1, checkpoint=None, config=
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "common.cli"]),
            "inference", *[a for o in overrides for a in ("--set", o)],
            "-n", str(chunk_factor), "--threads", str(threads),
-           *(["-p", str(checkpoint)] if checkpoint else []), *(["-c", str(config)] if config else [])]
+           *(["-p", str(checkpoint)] if checkpoint else []), *(["-c", str(config)] if config else []),
+           *extra]
     head_len, C = 16, 13 * 16 * chunk_factor  # head = L samples, chunk = 13 L N
     sid = uuid.uuid4().hex
     rng = np.random.default_rng(0)
@@ -373,11 +381,12 @@ def format_table(report: dict) -> str:
     m, c = report["model"], report["clip"]
     lines.append(f"model {m['id']} loaded in {1000 * m['load_s']:.0f} ms; clip {c['seconds']:.2f} s; "
                  f"RTF = {RTF_DEFINITION}; x ref = reference median / backend median (same run, interleaved)")
-    cs = report.get("cold_start")
-    if cs:
-        lines.append(f"cold start ({cs['command']}): " + (
-            cs["error"] if "error" in cs else
-            f"process start -> first output {cs['first_output_s']:.2f} s, RSS {cs['rss_mib']:.0f} MiB"))
+    for key, label in (("cold_start", "eager"), ("cold_start_onnx", "onnx")):
+        cs = report.get(key)
+        if cs:
+            lines.append(f"cold start, {label} ({cs['command']}): " + (
+                cs["error"] if "error" in cs else
+                f"process start -> first output {cs['first_output_s']:.2f} s, RSS {cs['rss_mib']:.0f} MiB"))
     return "\n".join(lines)
 
 

@@ -6,14 +6,13 @@ executed. Every refusal is one :class:`CheckpointError` line: the file, then wha
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, load_config
+from .config import ModelConfig, file_digest, load_config  # noqa: F401 - file_digest re-exported
 from .llvc import LLVC
 
 #: Seed of the untrained default model's weights (the same model every time).
@@ -106,15 +105,6 @@ def default_model(cfg: ModelConfig) -> LLVC:
     with torch.no_grad():
         model.out_conv[0].weight.mul_(DEFAULT_OUT_SCALE)
     return model.eval()
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file, hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_model(checkpoint: str | Path | None = None, config: str | Path | None = None,

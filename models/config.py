@@ -6,6 +6,7 @@ Every problem is reported as one :class:`ConfigError` line naming the file and t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -194,3 +195,12 @@ def load_config(path: str | Path | None = None) -> ModelConfig:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     return parse_config(raw, str(path))
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file, hex (what checkpoints and the artifacts made from them are known by)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -60,6 +60,10 @@ from .base import (MODEL_SCHEMA, Service, Setting, add_service_arguments, non_ne
 INFERENCE_SCHEMA = {
     "device": Setting(str, "cpu", one_of("cpu", "cuda", "auto")),
     "threads": Setting(int, 1, lambda v: None if v >= 1 else "must be >= 1"),
+    # eager: PyTorch (CPU or CUDA). onnx: ONNX Runtime on the artifact `llvc export` made for
+    # this checkpoint and chunk factor (CPU; torch is never imported: a restart is quicker).
+    "backend": Setting(str, "eager", one_of("eager", "onnx")),
+    "artifact": Setting(str, ""),
     "max_backlog_ms": Setting(float, 40.0, positive),
     "max_gap_ms": Setting(float, 100.0, non_negative),
     # Test-only: simulate a machine too slow for the model (tests/test_faults.py). Each step
@@ -151,7 +155,7 @@ class InferenceService(Service):
         self.engine = None
         self.receiver = self.sender = None
         self.kind, self.model_id, self.trained = "llvc", "", False
-        self.device, self.threads = "cpu", 1
+        self.device, self.threads, self.backend = "cpu", 1, "eager"
         self.host = (socket.gethostname() or "unknown")[:MAX_NAME_LEN]
         self.stream_id: str | None = None
         self._current_heard_ns = 0          # when the current stream's newest chunk was received
@@ -174,8 +178,14 @@ class InferenceService(Service):
         s = parse_settings(self.cfg, "inference", INFERENCE_SCHEMA, {
             "device": getattr(a, "device", None), "threads": getattr(a, "threads", None)})
         self.kind, self.threads = m.kind, s.threads
+        self.backend = "passthrough" if m.kind == "passthrough" else s.backend
         t0 = time.perf_counter()
-        self.engine = self._load_passthrough(m) if m.kind == "passthrough" else self._load_llvc(m, s)
+        if m.kind == "passthrough":
+            self.engine = self._load_passthrough(m)
+        elif s.backend == "onnx":
+            self.engine = self._load_onnx(m, s)
+        else:
+            self.engine = self._load_llvc(m, s)
         load_s = time.perf_counter() - t0
         table = self.cfg.services.get("model", {})
         if any(table.get(k, MODEL_SCHEMA[k].default) != getattr(m, k) for k in ("chunk_factor", "config")):
@@ -209,6 +219,29 @@ class InferenceService(Service):
 
         self.model_id, self.trained = "passthrough", True
         return PassthroughEngine.from_config(load_config(m.config or None), m.chunk_factor)
+
+    def _load_onnx(self, m, s):
+        """The ONNX Runtime engine on ``inference.artifact``, refused if stale (numpy + ORT only)."""
+        from models.config import file_digest, load_config
+
+        try:
+            from models.onnx_engine import OnnxEngine
+        except ImportError as exc:
+            raise RuntimeError(f"inference.backend = onnx: onnxruntime is not installed ({exc}); "
+                               "pip install -e '.[onnx]'") from None
+        if not s.artifact:
+            raise RuntimeError("inference.backend = onnx needs inference.artifact (make one with: llvc export "
+                               "-p CHECKPOINT -n CHUNK_FACTOR -o FILE.onnx)")
+        expect_hash = file_digest(m.checkpoint) if m.checkpoint else None
+        engine = OnnxEngine.load(s.artifact, threads=s.threads, expect_checkpoint_hash=expect_hash,
+                                 expect_chunk_factor=m.chunk_factor,
+                                 expect_config=load_config(m.config or None).to_json_dict())
+        if not m.checkpoint and engine.meta.get("checkpoint"):
+            raise RuntimeError(f"{s.artifact}: stale artifact: made from {engine.meta['checkpoint']}, but "
+                               "model.checkpoint is empty (the untrained default)")
+        self.model_id = str(engine.meta.get("model_id", "onnx"))[:MAX_NAME_LEN]
+        self.trained, self.device = bool(engine.meta.get("trained")), "cpu"
+        return engine
 
     def _load_llvc(self, m, s):
         import torch
@@ -254,7 +287,7 @@ class InferenceService(Service):
         geometry = {} if e is None else {
             "chunk_len": e.chunk_len, "algorithmic_latency_ms": 1000 * e.algorithmic_latency_s,
             "latency_ms": 1000 * e.latency_s}
-        return {"model": self.model_id, "untrained": not self.trained, "kind": self.kind, **geometry,
+        return {"backend": self.backend, "model": self.model_id, "untrained": not self.trained, "kind": self.kind, **geometry,
                 "device": self.device, "threads": self.threads, "stream_id": self.stream_id}
 
     # ------------------------------------------------------------------ the loop

@@ -1,0 +1,87 @@
+"""The inference service on the ONNX backend: exact output, no torch in the process, stale refused.
+
+Real sockets, the real service (in a thread for exactness, as a subprocess for what the process
+loads), a real artifact exported by ``llvc export``'s function.
+"""
+from __future__ import annotations
+
+import signal
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install -e '.[onnx]')")
+pytest.importorskip("onnxscript", reason="the onnx extra is not installed (pip install -e '.[onnx]')")
+
+from bus_helpers import make_config, wait_until  # noqa: E402
+from common.bus import Bus  # noqa: E402
+from test_inference_service import (C, REF, Harness, config, llvc_inference, overrides, place,  # noqa: E402
+                                    stream_chunks)
+
+CKPT, CONFIG = REF / "ref_default.pth", REF / "config.json"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    from models.checkpoint import load_model
+    from models.export import export_onnx
+
+    model, info = load_model(CKPT, CONFIG)
+    return export_onnx(model, info, 1, tmp_path_factory.mktemp("onnx") / "ref_default-cf1.onnx")
+
+
+def test_onnx_backend_reproduces_offline_conversion(artifact, ref_default):
+    signal_ = sf.read(REF / "ref_default_input.wav", dtype="float32")[0]
+    chunks = stream_chunks(signal_, C)
+    cfg = config("inference.backend=onnx", f"inference.artifact={artifact}")
+    with Harness(cfg, checkpoint=str(CKPT), config=str(CONFIG)) as h:
+        h.feed_paced(chunks)
+        h.counters(chunks_out=len(chunks) - 1)
+        beat = h.heartbeats()[-1]
+    n = len(signal_)
+    y = place(h.outputs)
+    assert np.abs(y[:n - C] - ref_default.offline[:n - C]).max() < 1e-4
+    assert beat["backend"] == "onnx" and beat["untrained"] is False and "ref_default" in beat["model"]
+
+
+def test_onnx_service_process_never_loads_torch(artifact):
+    ov = overrides()
+    cfg = make_config("tcp", *ov)
+    proc = llvc_inference(ov, "-p", str(CKPT), "-c", str(CONFIG), "-n", "1",
+                          "--set", "inference.backend=onnx", "--set", f"inference.artifact={artifact}")
+    try:
+        with Bus(cfg, "capture") as capture, Bus(cfg, "playback") as playback, Bus(cfg, "tap") as tap:
+            tx, rx = capture.audio_sender("audio_in"), playback.audio_receiver("audio_out")
+            sub = tap.subscriber(("heartbeat.",), endpoints=["telemetry_inference"])
+            assert wait_until(lambda: (hb := sub.recv(50)) is not None and hb.data["ready"], timeout=60)
+            sid = uuid.uuid4().hex
+            for c in stream_chunks(np.zeros(2 * C, np.float32), stream_id=sid)[:3]:
+                assert wait_until(lambda: tx.send(c), timeout=5)
+            got = [rx.recv(5000) for _ in range(2)]
+            assert [c.offset for c in got if c is not None] == [0, C]
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+            assert "onnxruntime" in maps and "libtorch" not in maps
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["-n", "2"], "stale artifact: chunk factor 1, expected 2"),
+    (["-n", "1", "-p", ""], "stale artifact"),
+    (["-n", "1", "--set", "inference.artifact="], "needs inference.artifact"),
+])
+def test_a_stale_or_missing_artifact_is_one_line_and_exit_2(artifact, flags, fragment):
+    proc = llvc_inference(overrides(), "-p", str(CKPT), "-c", str(CONFIG), "--set", "inference.backend=onnx",
+                          "--set", f"inference.artifact={artifact}", *flags)
+    _, err = proc.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], err
+    assert "inference ERROR cannot start" in lines[0]
