@@ -65,3 +65,21 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def stop_process(proc, timeout: float = 10.0) -> tuple[str, float]:
+    """SIGTERM a service subprocess and wait for it (killed if it outlives ``timeout``).
+
+    Returns its stderr and how long it took to exit.
+    """
+    import signal as _signal
+
+    t0 = time.monotonic()
+    try:
+        proc.send_signal(_signal.SIGTERM)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return err, time.monotonic() - t0

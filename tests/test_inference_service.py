@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import soundfile as sf
 import torch
 import zmq
 
-from bus_helpers import endpoint_overrides, make_config, wait_until
+from bus_helpers import endpoint_overrides, make_config, stop_process, wait_until
 from common.bus import Bus
 from common.protocol import AudioChunk, encode
 from models.passthrough import PassthroughEngine
@@ -442,10 +441,11 @@ def test_cuda_without_a_device_exits_2():
     assert proc.returncode == 2 and "no CUDA device" in err.strip().splitlines()[-1]
 
 
-def test_command_converts_warns_when_untrained_and_stops_promptly_on_sigterm():
-    ov = overrides()
+def serve_two_chunks(proc, ov: list[str], inspect=None) -> tuple[list[AudioChunk], str, float]:
+    """Drive a running ``llvc inference`` (started with overrides ``ov``): once it is ready, send
+    a head and two chunks of silence and take the two outputs; ``inspect()`` runs while it still
+    serves. Then SIGTERM it. Returns the outputs, its stderr and how long it took to stop."""
     cfg = make_config("tcp", *ov)
-    proc = llvc_inference(ov, "-n", "1", "--threads", "1")
     try:
         with Bus(cfg, "capture") as capture, Bus(cfg, "playback") as playback, Bus(cfg, "tap") as tap:
             tx, rx = capture.audio_sender("audio_in"), playback.audio_receiver("audio_out")
@@ -456,14 +456,17 @@ def test_command_converts_warns_when_untrained_and_stops_promptly_on_sigterm():
                 assert wait_until(lambda: tx.send(c), timeout=5)
             got = [rx.recv(5000) for _ in range(2)]
             assert [c.offset for c in got if c is not None] == [0, C] and got[0].stream_id == sid
-            assert got[0].stages[-1].model == "llvc-default-untrained-seed0"
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=10)
-        elapsed = time.monotonic() - t0
+            if inspect is not None:
+                inspect()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        err, elapsed = stop_process(proc)
+    return got, err, elapsed
+
+
+def test_command_converts_warns_when_untrained_and_stops_promptly_on_sigterm():
+    ov = overrides()
+    proc = llvc_inference(ov, "-n", "1", "--threads", "1")
+    got, err, elapsed = serve_two_chunks(proc, ov)
+    assert got[0].stages[-1].model == "llvc-default-untrained-seed0"
     assert proc.returncode == 0 and elapsed < 3.0, (elapsed, err)
     assert "UNTRAINED" in err and " WARNING " in err and "inference INFO stopped" in err

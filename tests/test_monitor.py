@@ -6,7 +6,6 @@ import json
 import os
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from bus_helpers import endpoint_overrides, free_port, make_config, wait_until
+from bus_helpers import endpoint_overrides, free_port, make_config, stop_process, wait_until
 from common.bus import Bus
 from common.protocol import encode, make_telemetry
 from services.monitor import MonitorService
@@ -426,11 +425,8 @@ def test_cli_runs_until_sigterm_and_writes_report(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert sub.poll(30_000), "no status line from llvc monitor"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        err, _ = stop_process(proc, timeout=30)
         sub.close()
         ctx.term()
     assert proc.returncode == 0, err

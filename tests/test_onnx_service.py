@@ -5,8 +5,6 @@ loads), a real artifact exported by ``llvc export``'s function.
 """
 from __future__ import annotations
 
-import signal
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +14,8 @@ import soundfile as sf
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install -e '.[onnx]')")
 pytest.importorskip("onnxscript", reason="the onnx extra is not installed (pip install -e '.[onnx]')")
 
-from bus_helpers import make_config, wait_until  # noqa: E402
-from common.bus import Bus  # noqa: E402
 from test_inference_service import (C, REF, Harness, config, llvc_inference, overrides, place,  # noqa: E402
-                                    stream_chunks)
+                                    serve_two_chunks, stream_chunks)
 
 CKPT, CONFIG = REF / "ref_default.pth", REF / "config.json"
 
@@ -49,27 +45,14 @@ def test_onnx_backend_reproduces_offline_conversion(artifact, ref_default):
 
 def test_onnx_service_process_never_loads_torch(artifact):
     ov = overrides()
-    cfg = make_config("tcp", *ov)
     proc = llvc_inference(ov, "-p", str(CKPT), "-c", str(CONFIG), "-n", "1",
                           "--set", "inference.backend=onnx", "--set", f"inference.artifact={artifact}")
-    try:
-        with Bus(cfg, "capture") as capture, Bus(cfg, "playback") as playback, Bus(cfg, "tap") as tap:
-            tx, rx = capture.audio_sender("audio_in"), playback.audio_receiver("audio_out")
-            sub = tap.subscriber(("heartbeat.",), endpoints=["telemetry_inference"])
-            assert wait_until(lambda: (hb := sub.recv(50)) is not None and hb.data["ready"], timeout=60)
-            sid = uuid.uuid4().hex
-            for c in stream_chunks(np.zeros(2 * C, np.float32), stream_id=sid)[:3]:
-                assert wait_until(lambda: tx.send(c), timeout=5)
-            got = [rx.recv(5000) for _ in range(2)]
-            assert [c.offset for c in got if c is not None] == [0, C]
-            maps = Path(f"/proc/{proc.pid}/maps").read_text()
-            assert "onnxruntime" in maps and "libtorch" not in maps
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    def no_torch_mapped():
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "onnxruntime" in maps and "libtorch" not in maps
+
+    _, err, _ = serve_two_chunks(proc, ov, inspect=no_torch_mapped)
     assert proc.returncode == 0, err
 
 
