@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 with --stream, torch's choice offline)")
+    p.add_argument("--onnx", metavar="ARTIFACT", default=None,
+                   help="stream with ONNX Runtime on this artifact from llvc export (implies --stream; "
+                        "torch is not imported; -p/-c/-n must be what it was exported for)")
 
 
 def _resolve_device(name: str):
@@ -75,9 +78,6 @@ def _plan(src: Path, out_dir: Path) -> list[tuple[Path, Path]]:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``llvc convert``; returns the exit status."""
-    from models.checkpoint import load_model
-    from models.streaming import StreamingEngine
-
     def fail(msg: str) -> None:
         print(f"llvc convert: error: {msg}", file=sys.stderr)
 
@@ -88,27 +88,17 @@ def run(args: argparse.Namespace) -> int:
         fail(f"--threads must be >= 1, got {args.threads}")
         return 2
     try:
-        device = _resolve_device(args.device)
         jobs = _plan(Path(args.input), Path(args.out_dir))
-        model, info = load_model(args.checkpoint, args.config)
+        model, engine, trained, described, runtime = _onnx_engine(args) if args.onnx else _torch_model(args)
+        sample_rate = engine.sample_rate if model is None else model.cfg.sample_rate
+        min_samples = engine.window_samples if model is None else model.cfg.window_samples
         out_root = ensure_output_dir(args.out_dir)
-    except (ValueError, AudioError) as exc:  # ConfigError/CheckpointError are ValueErrors
+    except (ValueError, AudioError) as exc:  # ConfigError/CheckpointError/ArtifactError are ValueErrors
         fail(str(exc))
         return 2
-    import torch
-
-    # A streaming step is many small kernels: a second thread gains ~10% on an idle 2-core
-    # machine, but OpenMP workers competing with any other busy process made steps 40-100x
-    # slower (measured). One thread is the safe real-time default.
-    threads = args.threads if args.threads is not None else (1 if args.stream else None)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    model = model.to(device).eval()
-    engine = StreamingEngine(model, args.chunk_factor, device) if args.stream else None
-    min_samples = model.cfg.window_samples
-    print(f"model: {info.describe()}; mode: "
+    print(f"model: {described}; mode: "
           + (f"stream, chunk {engine.chunk_len} samples ({1000 * engine.chunk_s:g} ms)" if engine else "offline")
-          + f"; device {device}, {torch.get_num_threads()} thread(s)")
+          + f"; {runtime}")
 
     collisions: dict[Path, Path] = {}
     times: list[float] = []
@@ -119,15 +109,11 @@ def run(args: argparse.Namespace) -> int:
             if dst in collisions:
                 raise AudioError(f"{src}: output {dst} would overwrite the conversion of {collisions[dst]}")
             collisions[dst] = src
-            x = read_audio(src, model.cfg.sample_rate, min_samples=min_samples)
-            if engine is not None:
-                y = engine.convert(x, on_chunk=times.append)
-            else:
-                with torch.inference_mode():
-                    y = model(torch.from_numpy(x).to(device).view(1, 1, -1)).view(-1).cpu().numpy()
+            x = read_audio(src, sample_rate, min_samples=min_samples)
+            y = engine.convert(x, on_chunk=times.append) if engine is not None else _offline(model, x)
             if dst.parent != out_root:
                 ensure_output_dir(dst.parent)
-            write_wav_atomic(dst, y, model.cfg.sample_rate)
+            write_wav_atomic(dst, y, sample_rate)
         except AudioError as exc:
             failed += 1
             fail(str(exc))
@@ -147,6 +133,46 @@ def run(args: argparse.Namespace) -> int:
               f"{1000 * engine.latency_s:g} ms + processing = {1000 * (engine.latency_s + avg):.3f}ms)")
         print(f"per-chunk processing: p50 {1000 * np.percentile(t, 50):.3f} ms, "
               f"p95 {1000 * np.percentile(t, 95):.3f} ms over {len(t)} chunks")
-    if not info.trained:
+    if not trained:
         print("NOTE: converted with the UNTRAINED default model (no -p given)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _torch_model(args: argparse.Namespace):
+    """(model, streaming engine or None, trained, description, runtime line) on torch."""
+    import torch
+
+    from models.checkpoint import load_model
+    from models.streaming import StreamingEngine
+
+    device = _resolve_device(args.device)
+    model, info = load_model(args.checkpoint, args.config)
+    # A streaming step is many small kernels: a second thread gains ~10% on an idle 2-core
+    # machine, but OpenMP workers competing with any other busy process made steps 40-100x
+    # slower (measured). One thread is the safe real-time default.
+    threads = args.threads if args.threads is not None else (1 if args.stream else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = model.to(device).eval()
+    engine = StreamingEngine(model, args.chunk_factor, device) if args.stream else None
+    return model, engine, info.trained, info.describe(), f"device {device}, {torch.get_num_threads()} thread(s)"
+
+
+def _onnx_engine(args: argparse.Namespace):
+    """(None, ONNX Runtime engine, trained, description, runtime line): numpy and onnxruntime only."""
+    try:
+        from models.onnx_engine import OnnxEngine
+    except ImportError as exc:
+        raise ValueError(f"--onnx: onnxruntime is not installed ({exc}); pip install -e '.[onnx]'") from None
+    threads = args.threads or 1
+    engine = OnnxEngine.for_model(args.onnx, args.checkpoint, args.config, args.chunk_factor, threads)
+    return None, engine, engine.trained, f"{engine.model_id} ({args.onnx})", f"ONNX Runtime (CPU), {threads} thread(s)"
+
+
+def _offline(model, x: np.ndarray) -> np.ndarray:
+    """Upstream's offline forward over the whole signal."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return model(torch.from_numpy(x).to(device).view(1, 1, -1)).view(-1).cpu().numpy()

@@ -98,6 +98,41 @@ class OnnxEngine(StreamGeometry):
             prime = _session(prime_file, threads)
         return cls(_session(path, threads), prime, meta, path)
 
+    @classmethod
+    def for_model(cls, path: str | Path, checkpoint: str | Path | None, config: str | Path | None,
+                  chunk_factor: int, threads: int = 1) -> "OnnxEngine":
+        """Load the artifact at ``path`` for the model a command or service was told to run.
+
+        ``checkpoint`` (``None``/empty: the untrained default) and ``config`` (``None``/empty:
+        config/llvc.json) are checked against the sidecar without torch: the checkpoint by its
+        file's SHA-256. Anything that differs is a stale artifact (:class:`ArtifactError`).
+        """
+        from .config import file_digest, load_config
+
+        expect_hash = file_digest(checkpoint) if checkpoint else None
+        engine = cls.load(path, threads=threads, expect_checkpoint_hash=expect_hash,
+                          expect_chunk_factor=chunk_factor,
+                          expect_config=load_config(config or None).to_json_dict())
+        if not checkpoint and engine.meta.get("checkpoint"):
+            raise ArtifactError(f"{path}: stale artifact: made from {engine.meta['checkpoint']}, but the "
+                                "model asked for is the untrained default (no checkpoint)")
+        return engine
+
+    @property
+    def model_id(self) -> str:
+        """The model's id as ``load_model`` named it when the artifact was exported."""
+        return str(self.meta.get("model_id", "onnx"))
+
+    @property
+    def trained(self) -> bool:
+        """False for an artifact of the untrained default model."""
+        return bool(self.meta.get("trained"))
+
+    @property
+    def window_samples(self) -> int:
+        """One decoder window (the chunk at chunk factor 1): the shortest input convertible."""
+        return self.chunk_len // self.chunk_factor
+
     # ------------------------------------------------------------------ control
     def reset(self) -> None:
         """Forget the stream: zero every buffer; the next stream needs a new head."""

@@ -222,8 +222,6 @@ class InferenceService(Service):
 
     def _load_onnx(self, m, s):
         """The ONNX Runtime engine on ``inference.artifact``, refused if stale (numpy + ORT only)."""
-        from models.config import file_digest, load_config
-
         try:
             from models.onnx_engine import OnnxEngine
         except ImportError as exc:
@@ -232,15 +230,9 @@ class InferenceService(Service):
         if not s.artifact:
             raise RuntimeError("inference.backend = onnx needs inference.artifact (make one with: llvc export "
                                "-p CHECKPOINT -n CHUNK_FACTOR -o FILE.onnx)")
-        expect_hash = file_digest(m.checkpoint) if m.checkpoint else None
-        engine = OnnxEngine.load(s.artifact, threads=s.threads, expect_checkpoint_hash=expect_hash,
-                                 expect_chunk_factor=m.chunk_factor,
-                                 expect_config=load_config(m.config or None).to_json_dict())
-        if not m.checkpoint and engine.meta.get("checkpoint"):
-            raise RuntimeError(f"{s.artifact}: stale artifact: made from {engine.meta['checkpoint']}, but "
-                               "model.checkpoint is empty (the untrained default)")
-        self.model_id = str(engine.meta.get("model_id", "onnx"))[:MAX_NAME_LEN]
-        self.trained, self.device = bool(engine.meta.get("trained")), "cpu"
+        engine = OnnxEngine.for_model(s.artifact, m.checkpoint, m.config, m.chunk_factor, s.threads)
+        self.model_id = engine.model_id[:MAX_NAME_LEN]
+        self.trained, self.device = engine.trained, "cpu"
         return engine
 
     def _load_llvc(self, m, s):

@@ -68,3 +68,30 @@ def test_a_stale_or_missing_artifact_is_one_line_and_exit_2(artifact, flags, fra
     lines = err.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], err
     assert "inference ERROR cannot start" in lines[0]
+
+
+def test_convert_with_onnx_streams_exactly_and_never_imports_torch(artifact, ref_default, tmp_path):
+    """``llvc convert --onnx`` in a fresh interpreter: the output is the eager streaming output
+    (offline's, up to the last chunk), and torch was never imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from common.cli import main; "
+            f"rc = main(['convert', '-p', {str(CKPT)!r}, '-c', {str(CONFIG)!r}, '--onnx', {str(artifact)!r}, "
+            f"'-f', {str(REF / 'ref_default_input.wav')!r}, '-o', {str(tmp_path / 'out')!r}]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ONNX Runtime" in proc.stdout and "RTF" in proc.stdout
+    y, sr = sf.read(tmp_path / "out" / "ref_default_input.wav", dtype="float32")
+    n = len(ref_default.offline)
+    assert sr == 16000 and len(y) == n
+    assert np.abs(y[:n - C] - ref_default.offline[:n - C]).max() < 1e-4
+
+
+def test_convert_with_a_stale_artifact_is_one_line_and_exit_2(artifact, tmp_path):
+    from common.cli import main
+
+    rc = main(["convert", "-p", str(CKPT), "-c", str(CONFIG), "-n", "2", "--onnx", str(artifact),
+               "-f", str(REF / "ref_default_input.wav"), "-o", str(tmp_path / "out")])
+    assert rc == 2 and not (tmp_path / "out" / "ref_default_input.wav").exists()
