@@ -1,15 +1,19 @@
 """``llvc bench``: how fast is the streaming step, per backend, chunk factor and thread count.
 
 For every setting (chunk factor x threads) each backend's engine is built, warmed up, and then
-a real clip is streamed through all of them **interleaved**: chunk ``k`` goes through every
-backend (in an order rotated by one each chunk) before any backend sees chunk ``k + 1``. Each
-``process()`` call is timed with ``perf_counter_ns``. The machine's speed drifts by 30-40%
-between runs minutes apart, so only numbers measured side by side like this are compared: the
-ratio against the ``reference`` backend is taken within one setting of one run.
+a real clip is streamed through all of them **interleaved** in blocks of about
+:data:`BLOCK_S` seconds of audio: every backend converts block ``b`` (in an order rotated by one
+each block) before any backend sees block ``b + 1``. Each ``process()`` call is timed with
+``perf_counter_ns``. The machine's speed drifts by 30-40% between runs minutes apart, so only
+numbers measured side by side like this are compared: the ratio against the ``reference``
+backend is taken within one setting of one run. Blocks rather than single chunks, and the first
+chunk of each block untimed, because a service runs one backend alone: switching backends every
+chunk made each one start from caches the others had just filled with their own weights
+(measurements in docs/performance.md).
 
 ``reference`` is the plain eager model with upstream's math (``GroupedPointwise.upstream_math``
-set on its own copy of the model); ``eager`` is :class:`~models.streaming.StreamingEngine` with
-our default math; ``onnx`` is used when :mod:`models.export` and :mod:`models.onnx_engine`
+set on its own copy of the model); ``eager`` is :class:`~models.streaming.StreamingEngine` as
+services run it (:class:`~models.fast_step.FastStep`'s restructured math in PyTorch); ``onnx`` is used when :mod:`models.export` and :mod:`models.onnx_engine`
 import and export. A backend whose whole-clip output differs from reference's by more than
 :data:`TOLERANCE` is invalid and :func:`choose_backend` never picks it.
 
@@ -44,12 +48,15 @@ DEFAULT_CLIP = Path(__file__).resolve().parents[1] / "tests" / "data" / "174-505
 DEFAULT_CHUNK_FACTORS = (1, 2, 4, 8)
 DEFAULT_THREADS = (1, 2)
 QUICK_SECONDS = 3.0
+#: Seconds of audio each backend converts in a row before the next one's turn (module docstring).
+BLOCK_S = 1.0
 RTF_DEFINITION = "chunk duration / median processing time per chunk (>1: faster than real time)"
 
 
 # --------------------------------------------------------------------------- backends
 def _reference(model, info, chunk_factor, threads, workdir):
-    """Eager streaming on a private copy of the model with upstream's grouped-conv math."""
+    """Eager streaming of the module code on a private copy of the model with upstream's
+    grouped-conv math: upstream's model as written, streamed exactly."""
     from models.llvc import GroupedPointwise
     from models.streaming import StreamingEngine
 
@@ -57,11 +64,11 @@ def _reference(model, info, chunk_factor, threads, workdir):
     for mod in ref.modules():
         if isinstance(mod, GroupedPointwise):
             mod.upstream_math = True  # instance attribute: the shared class default is untouched
-    return StreamingEngine(ref, chunk_factor)
+    return StreamingEngine(ref, chunk_factor, restructured=False)
 
 
 def _eager(model, info, chunk_factor, threads, workdir):
-    """Our StreamingEngine with the default math."""
+    """Our StreamingEngine as services run it (FastStep's restructured math in PyTorch)."""
     from models.streaming import StreamingEngine
 
     return StreamingEngine(model, chunk_factor)
@@ -179,14 +186,17 @@ def _bench_setting(model, info, names, chunk_factor, threads, x, warmup, repeats
         for name in order:
             engines[name].reset()
             engines[name].prime(head)
-        for k, c in enumerate(chunks):
-            r = (k + rep) % len(order)
+        block = max(2, round(BLOCK_S / chunk_s))
+        for b, start in enumerate(range(0, n_chunks, block)):
+            r = (b + rep) % len(order)
             for name in order[r:] + order[:r]:
-                t0 = time.perf_counter_ns()
-                y = engines[name].process(c)
-                times[name].append(time.perf_counter_ns() - t0)
-                if rep == 0:
-                    outputs[name][k * C:(k + 1) * C] = y
+                for k in range(start, min(start + block, n_chunks)):
+                    t0 = time.perf_counter_ns()
+                    y = engines[name].process(chunks[k])
+                    if k != start or n_chunks <= block:  # the first after a switch starts cold
+                        times[name].append(time.perf_counter_ns() - t0)
+                    if rep == 0:
+                        outputs[name][k * C:(k + 1) * C] = y
 
     ref_stats = _stats(times[REFERENCE], chunk_s)
     backends = {}
@@ -245,7 +255,8 @@ def run_bench(backends=("reference", "eager", "onnx"), chunk_factors=DEFAULT_CHU
             if cold_start_run:
                 cf, th = chunk_factors[0], threads_list[0]
                 log("cold start of `llvc inference`")
-                report["cold_start"] = cold_start(cf, th, checkpoint, config)
+                report["cold_start"] = cold_start(cf, th, checkpoint, config,
+                                                  extra=("--set", "inference.backend=eager"))
                 artifact = Path(workdir) / f"llvc-cf{cf}.onnx"
                 if artifact.exists():  # the onnx backend ran: the same service on its artifact
                     log("cold start of `llvc inference` on the onnx backend")

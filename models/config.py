@@ -197,6 +197,12 @@ def load_config(path: str | Path | None = None) -> ModelConfig:
     return parse_config(raw, str(path))
 
 
+#: Version of ``llvc export``'s artifacts (graph inputs/outputs and sidecar meaning); bumped
+#: whenever they change, so cached artifacts of an older layout are never picked up again.
+#: 2: FastStep's math and state layout (per-layer time-major encoder buffers, decoder K/V cache).
+ARTIFACT_VERSION = 2
+
+
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file, hex (what checkpoints and the artifacts made from them are known by)."""
     h = hashlib.sha256()

@@ -30,9 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 with --stream, torch's choice offline)")
+    p.add_argument("--backend", choices=("auto", "eager", "onnx"), default="auto",
+                   help="streaming backend. auto (default): ONNX Runtime on CPU when the artifact cache "
+                        "has one for -p/-c/-n (llvc export --cache), else PyTorch; eager: PyTorch; onnx: "
+                        "ONNX Runtime (implies --stream). Offline conversion is always PyTorch")
     p.add_argument("--onnx", metavar="ARTIFACT", default=None,
-                   help="stream with ONNX Runtime on this artifact from llvc export (implies --stream; "
-                        "torch is not imported; -p/-c/-n must be what it was exported for)")
+                   help="stream with ONNX Runtime on this artifact from llvc export (implies --stream and "
+                        "--backend onnx; torch is not imported; -p/-c/-n must be what it was exported for)")
 
 
 def _resolve_device(name: str):
@@ -87,9 +91,12 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         fail(f"--threads must be >= 1, got {args.threads}")
         return 2
+    if args.onnx and args.backend == "eager":
+        fail("--onnx runs ONNX Runtime: it contradicts --backend eager")
+        return 2
     try:
         jobs = _plan(Path(args.input), Path(args.out_dir))
-        model, engine, trained, described, runtime = _onnx_engine(args) if args.onnx else _torch_model(args)
+        model, engine, trained, described, runtime = _load(args)
         sample_rate = engine.sample_rate if model is None else model.cfg.sample_rate
         min_samples = engine.window_samples if model is None else model.cfg.window_samples
         out_root = ensure_output_dir(args.out_dir)
@@ -158,15 +165,27 @@ def _torch_model(args: argparse.Namespace):
     return model, engine, info.trained, info.describe(), f"device {device}, {torch.get_num_threads()} thread(s)"
 
 
-def _onnx_engine(args: argparse.Namespace):
-    """(None, ONNX Runtime engine, trained, description, runtime line): numpy and onnxruntime only."""
-    try:
-        from models.onnx_engine import OnnxEngine
-    except ImportError as exc:
-        raise ValueError(f"--onnx: onnxruntime is not installed ({exc}); pip install -e '.[onnx]'") from None
+def _load(args: argparse.Namespace):
+    """(model or None, engine or None, trained, description, runtime line) for the chosen backend.
+
+    ``--backend auto`` matters only with ``--stream`` (see :func:`models.backends.resolve_backend`);
+    it never exports, and a fallback to PyTorch is one stderr line.
+    """
+    backend = "onnx" if args.onnx else args.backend
+    if backend == "eager" or (backend == "auto" and not args.stream):
+        return _torch_model(args)
+    from models.backends import resolve_backend
+
     threads = args.threads or 1
-    engine = OnnxEngine.for_model(args.onnx, args.checkpoint, args.config, args.chunk_factor, threads)
-    return None, engine, engine.trained, f"{engine.model_id} ({args.onnx})", f"ONNX Runtime (CPU), {threads} thread(s)"
+    chosen = resolve_backend(backend, args.device, args.onnx, args.checkpoint, args.config, args.chunk_factor,
+                             threads, setting="--backend", artifact_setting="--onnx")
+    if chosen.engine is None:
+        loaded = _torch_model(args)
+        if chosen.note:  # once torch has loaded the model: an error stays the one line
+            print(f"llvc convert: {chosen.note}", file=sys.stderr)
+        return loaded
+    engine = chosen.engine
+    return None, engine, engine.trained, f"{engine.model_id} ({chosen.artifact})", f"ONNX Runtime (CPU), {threads} thread(s)"
 
 
 def _offline(model, x: np.ndarray) -> np.ndarray:

@@ -1,10 +1,10 @@
 """``llvc export``: the exact streaming step as a static-shape ONNX graph, for ONNX Runtime.
 
 The graph is one step of :class:`models.streaming.StreamingEngine` with every piece of state
-as an explicit input and output: ``chunk [chunk_len]`` plus the ``in_conv`` context and the
-model's buffers (:meth:`LLVC.init_state`) in, ``audio [chunk_len]`` plus the updated state out.
-It calls the same model methods the eager engine calls (``apply_prenet``, ``in_conv``,
-``frames_to_audio``), on clones of the state inputs, so the math has one source.
+as an explicit input and output: ``chunk [chunk_len]`` plus the state in, ``audio [chunk_len]``
+plus the updated state out. Its math is :class:`models.fast_step.FastStep`: the same weights,
+read from the same model, laid out time-major with constants folded (that module says what and
+why); it equals the module code to float rounding and tests hold it to the reference.
 
 Shapes are static for one chunk factor: a dynamic-shape export was measured 3x slower
 (design notes, section 5). Priming (the pre-net over the stream head) is a second, tiny
@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -31,10 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import ModelInfo, file_digest
+from .config import ARTIFACT_VERSION
+from .fast_step import FastStep
 from .llvc import LLVC
 
-#: Bumped when the graph's inputs/outputs or the sidecar's meaning change.
-ARTIFACT_VERSION = 1
 OPSET = 18
 
 
@@ -70,41 +71,6 @@ def model_hash(model: LLVC, info: ModelInfo) -> str:
         h.update(k.encode())
         h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-class StreamingStep(nn.Module):
-    """One exact streaming step as a pure function: ``(chunk, *state) -> (audio, *new_state)``.
-
-    State order is :attr:`state_names`: ``ctx`` (the last ``2L`` pre-net outputs, omitted
-    without lookahead) then :meth:`LLVC.init_state`'s keys.
-    """
-
-    def __init__(self, model: LLVC, chunk_factor: int):
-        super().__init__()
-        self.model = model.eval()
-        self.chunk_len = model.cfg.window_samples * chunk_factor
-        self.context_len = model.in_kernel - model.L
-        names = list(model.init_state(1))
-        self.state_names = (["ctx"] if self.context_len else []) + names
-        self._model_state_names = names
-
-    def initial_state(self) -> list[Tensor]:
-        """Zeroed state tensors in :attr:`state_names` order."""
-        st = self.model.init_state(1)
-        ctx = [torch.zeros(1, 1, self.context_len)] if self.context_len else []
-        return ctx + [st[k] for k in self._model_state_names]
-
-    def forward(self, chunk: Tensor, *state: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
-        m, C, N = self.model, self.chunk_len, self.context_len
-        ctx = state[0] if N else None
-        # Clones: the model's methods update their buffers in place; inputs stay untouched.
-        st = {k: v.clone() for k, v in zip(self._model_state_names, state[1 if N else 0:])}
-        x = m.apply_prenet(chunk.reshape(1, 1, C), st)
-        full = torch.cat((ctx, x), dim=-1) if N else x
-        frames = m.in_conv(full)
-        y = m.frames_to_audio(frames, m.label_vector(1, chunk.device), st)
-        new_ctx = [full[..., C:]] if N else []
-        return (y.reshape(C), *new_ctx, *(st[k] for k in self._model_state_names))
 
 
 class PrimeStep(nn.Module):
@@ -150,14 +116,21 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], in_names: list[str],
     The TorchScript exporter cannot export this model (no ``unfold`` with these shapes), so
     there is no fallback.
     """
-    # The exporter reports progress and harmless warnings on stdout/stderr; keep them off.
+    # The exporter reports progress and harmless warnings on stdout/stderr, and logs more
+    # (torchvision missing, ...) through a handler made before any redirect: keep all off.
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
     with torch.no_grad(), open(os.devnull, "w") as null, \
             contextlib.redirect_stdout(null), contextlib.redirect_stderr(null), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), input_names=in_names, output_names=out_names,
-                          opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
-                          verbose=False,
-                          custom_translation_table={torch.ops.aten.slice_scatter.default: _slice_scatter})
+        quiet.setLevel(logging.ERROR)
+        try:
+            torch.onnx.export(module, args, str(path), input_names=in_names, output_names=out_names,
+                              opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
+                              verbose=False,
+                              custom_translation_table={torch.ops.aten.slice_scatter.default: _slice_scatter})
+        finally:
+            quiet.setLevel(level)
 
 
 def export_onnx(model: LLVC, info: ModelInfo, chunk_factor: int, out_path: str | Path) -> Path:
@@ -171,7 +144,7 @@ def export_onnx(model: LLVC, info: ModelInfo, chunk_factor: int, out_path: str |
     if out.suffix != ".onnx":
         raise ValueError(f"{out}: output must end in .onnx")
     model = model.to("cpu").eval()
-    step = StreamingStep(model, chunk_factor)
+    step = FastStep(model, chunk_factor)
     state = step.initial_state()
     chunk = torch.zeros(step.chunk_len)
     want_prime = model.has_prenet and step.context_len > 0
@@ -193,6 +166,7 @@ def export_onnx(model: LLVC, info: ModelInfo, chunk_factor: int, out_path: str |
         "state_shapes": shapes,
         "prime_graph": prime_path(out).name if want_prime else None,
         "opset": OPSET,
+        "graph": "FastStep",
         "exporter": "torch.onnx.export(dynamo=True)",
         "torch_version": torch.__version__,
         "onnxscript_version": _version("onnxscript"),
@@ -228,8 +202,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="model config JSON in upstream format (default config/llvc.json)")
     p.add_argument("-n", "--chunk-factor", type=int, default=1,
                    help="chunk = 13*16*N samples; the graph is fixed to this size (default 1: 13 ms)")
-    p.add_argument("-o", "--out", required=True, help="output path, must end in .onnx "
-                   "(the sidecar <out>.json and, with a pre-net, <out>.prime.onnx go beside it)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("-o", "--out", help="output path, must end in .onnx "
+                       "(the sidecar <out>.json and, with a pre-net, <out>.prime.onnx go beside it)")
+    where.add_argument("--cache", action="store_true", help="write into the artifact cache ($LLVC_CACHE_DIR, "
+                       "else $XDG_CACHE_HOME/llvc, else ~/.cache/llvc), where backend auto looks")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -238,6 +215,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         model, info = load_model(args.checkpoint, args.config)
+        if args.cache:
+            from .backends import cached_artifact_path
+
+            args.out = cached_artifact_path(args.checkpoint, args.config, args.chunk_factor)
         path = export_onnx(model, info, args.chunk_factor, args.out)
     except Exception as exc:  # one line, whatever failed
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

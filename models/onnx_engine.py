@@ -31,11 +31,10 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads > 1:
-        # Idle ORT workers spin by default: beside torch or the other services on a small
-        # machine they keep cores busy between steps (measured interleaved with torch at 2
-        # threads, cf 2: torch's step 9.6 ms with spinning, 5.5 ms without).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # With threads > 1 ORT's workers spin while waiting for work (its default). Turning that
+    # off made 2 threads slower than 1 (cf 1: 1.61 vs 1.31 ms; cf 4: 3.64 vs 3.61 ms), since
+    # every parallel op then pays a wake-up; with spinning 2 threads give 1.22 and 2.86 ms.
+    # The price is a busy second core during steps: inference.threads defaults to 1.
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own types for unreadable graphs

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.protocol import MAX_NAME_LEN, MAX_STAGES, AudioChunk, ProtocolError, StageRecord
+from models.backends import BACKENDS, resolve_backend
 
 from .base import (MODEL_SCHEMA, Service, Setting, add_service_arguments, non_negative, one_of,
                    parse_settings, positive, service_main)
@@ -60,9 +61,10 @@ from .base import (MODEL_SCHEMA, Service, Setting, add_service_arguments, non_ne
 INFERENCE_SCHEMA = {
     "device": Setting(str, "cpu", one_of("cpu", "cuda", "auto")),
     "threads": Setting(int, 1, lambda v: None if v >= 1 else "must be >= 1"),
-    # eager: PyTorch (CPU or CUDA). onnx: ONNX Runtime on the artifact `llvc export` made for
-    # this checkpoint and chunk factor (CPU; torch is never imported: a restart is quicker).
-    "backend": Setting(str, "eager", one_of("eager", "onnx")),
+    # auto: the fastest valid one (models/backends.py): onnx on CPU when an artifact is at hand,
+    # else eager, saying why. eager: PyTorch (CPU or CUDA). onnx: ONNX Runtime on `artifact`
+    # (empty: the cached one) made by `llvc export` (CPU; torch is never imported).
+    "backend": Setting(str, "auto", one_of(*BACKENDS)),
     "artifact": Setting(str, ""),
     "max_backlog_ms": Setting(float, 40.0, positive),
     "max_gap_ms": Setting(float, 100.0, non_negative),
@@ -178,14 +180,16 @@ class InferenceService(Service):
         s = parse_settings(self.cfg, "inference", INFERENCE_SCHEMA, {
             "device": getattr(a, "device", None), "threads": getattr(a, "threads", None)})
         self.kind, self.threads = m.kind, s.threads
-        self.backend = "passthrough" if m.kind == "passthrough" else s.backend
         t0 = time.perf_counter()
         if m.kind == "passthrough":
-            self.engine = self._load_passthrough(m)
-        elif s.backend == "onnx":
-            self.engine = self._load_onnx(m, s)
+            self.backend, self.engine = "passthrough", self._load_passthrough(m)
         else:
-            self.engine = self._load_llvc(m, s)
+            chosen = resolve_backend(s.backend, s.device, s.artifact, m.checkpoint, m.config, m.chunk_factor,
+                                     s.threads)
+            self.backend = chosen.backend
+            self.engine = self._use_onnx(chosen.engine) if chosen.engine is not None else self._load_llvc(m, s)
+            if chosen.note:  # once eager is known to load: a bad checkpoint's error stays the one line
+                self.log("warning", chosen.note)
         load_s = time.perf_counter() - t0
         table = self.cfg.services.get("model", {})
         if any(table.get(k, MODEL_SCHEMA[k].default) != getattr(m, k) for k in ("chunk_factor", "config")):
@@ -209,7 +213,7 @@ class InferenceService(Service):
         self.receiver = bus.audio_receiver("audio_in", expect_rate=sr)
         self.sender = bus.audio_sender("audio_out")
         self.ready = True
-        self.log("info", "ready", model=self.model_id, kind=self.kind, device=self.device,
+        self.log("info", "ready", model=self.model_id, kind=self.kind, backend=self.backend, device=self.device,
                  threads=self.threads, chunk_len=self.engine.chunk_len,
                  latency_ms=1000 * self.engine.latency_s, load_s=load_s, warm_step_ms=1000 * step_s)
 
@@ -220,17 +224,8 @@ class InferenceService(Service):
         self.model_id, self.trained = "passthrough", True
         return PassthroughEngine.from_config(load_config(m.config or None), m.chunk_factor)
 
-    def _load_onnx(self, m, s):
-        """The ONNX Runtime engine on ``inference.artifact``, refused if stale (numpy + ORT only)."""
-        try:
-            from models.onnx_engine import OnnxEngine
-        except ImportError as exc:
-            raise RuntimeError(f"inference.backend = onnx: onnxruntime is not installed ({exc}); "
-                               "pip install -e '.[onnx]'") from None
-        if not s.artifact:
-            raise RuntimeError("inference.backend = onnx needs inference.artifact (make one with: llvc export "
-                               "-p CHECKPOINT -n CHUNK_FACTOR -o FILE.onnx)")
-        engine = OnnxEngine.for_model(s.artifact, m.checkpoint, m.config, m.chunk_factor, s.threads)
+    def _use_onnx(self, engine):
+        """Take the ONNX Runtime engine :func:`resolve_backend` loaded (numpy + ORT only)."""
         self.model_id = engine.model_id[:MAX_NAME_LEN]
         self.trained, self.device = engine.trained, "cpu"
         return engine

@@ -109,6 +109,40 @@ def _needs_quotes(value: str) -> bool:
     return not (value.startswith('"') and value.endswith('"'))
 
 
+def prepare_artifact(cfg, services: list[str]) -> None:
+    """Fill the ONNX artifact cache before inference starts, so that its backend auto finds the
+    fast path (the service itself never exports: a restart must be quick).
+
+    Only when inference is among ``services``, runs the LLVC model with backend ``auto`` (on
+    CPU) or ``onnx`` without an artifact, this process can export (torch, onnxruntime,
+    onnxscript), and ``$LLVC_NO_EXPORT`` is unset. Prints one line when it exports (~10 s, once
+    per checkpoint, config and chunk factor); a failed export is one line too, and inference
+    then falls back to eager PyTorch. Bad settings are left for the service to report.
+    """
+    from models.backends import NO_EXPORT_ENV, ensure_artifact, export_possible, gpu_wanted
+    from services.base import model_settings, parse_settings
+    from services.inference import INFERENCE_SCHEMA
+
+    if "inference" not in services or os.environ.get(NO_EXPORT_ENV, "") not in ("", "0"):
+        return
+    try:
+        m, s = model_settings(cfg), parse_settings(cfg, "inference", INFERENCE_SCHEMA)
+    except PipelineConfigError:
+        return
+    wanted = (s.backend == "auto" and not gpu_wanted(s.device)) or (s.backend == "onnx" and not s.artifact)
+    if m.kind != "llvc" or not wanted or not export_possible():
+        return
+    # Relative paths are relative to the repository root, where the services run.
+    checkpoint, config = (str(REPO / p) if p else "" for p in (m.checkpoint, m.config))
+    try:
+        ensure_artifact(checkpoint, config, m.chunk_factor, threads=s.threads,
+                        log=lambda line: print(f"llvc run: {line}", flush=True))
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the pipeline still runs (on eager)
+        why = " ".join(str(exc).split())[:300] or type(exc).__name__
+        print(f"llvc run: warning: could not export the ONNX step ({why}); inference falls back to eager PyTorch",
+              file=sys.stderr, flush=True)
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGTERM if ``llvc run`` itself dies (even by SIGKILL), so that
     supervisord then stops the services instead of running on unattended (Linux only)."""
@@ -257,6 +291,9 @@ def run(args: argparse.Namespace) -> int:
     except (PipelineConfigError, SecurityError) as exc:
         return fail(str(exc))
     print(f"llvc run: run folder {run_dir} (logs), services: {', '.join(services)}", flush=True)
+    prepare_artifact(cfg, services)
+    if stop["signal"] is not None:  # interrupted while exporting: nothing was started yet
+        return 130 if stop["signal"] == signal.SIGINT else 143
 
     status = 0
     sup = None

@@ -49,6 +49,23 @@ def ref_default() -> Reference:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _artifact_cache(tmp_path_factory):
+    """An empty ONNX artifact cache of the session's own, and no export by ``llvc run``.
+
+    Through the environment, so every service and ``llvc run`` the tests start sees it: backend
+    auto then falls back to eager as on a fresh machine, whatever the developer's ~/.cache holds,
+    and no ``llvc run`` spends ~10 s exporting. tests/test_backends.py overrides both where it
+    tests them.
+    """
+    from models.backends import CACHE_ENV, NO_EXPORT_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("llvc-cache")))
+        mp.setenv(NO_EXPORT_ENV, "1")
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     # Two cores here; pinning keeps timings and results reproducible across runs.
     torch.set_num_threads(2)

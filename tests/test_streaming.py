@@ -31,9 +31,12 @@ def stream_chunks(engine: StreamingEngine, x: np.ndarray, head: np.ndarray | Non
     return np.concatenate([engine.process(padded[i:i + C]) for i in range(0, len(padded), C)])
 
 
+@pytest.mark.parametrize("restructured", (True, False), ids=("faststep", "module-code"))
 @pytest.mark.parametrize("chunk_factor", CHUNK_FACTORS)
-def test_streamed_equals_offline(reference, chunk_factor):
-    engine = StreamingEngine(reference.model, chunk_factor)
+def test_streamed_equals_offline(reference, chunk_factor, restructured):
+    """Both step implementations: FastStep (the default) and the module code it is derived from."""
+    engine = StreamingEngine(reference.model, chunk_factor, restructured=restructured)
+    assert engine.restructured is restructured
     L, C, x = engine.L, engine.chunk_len, reference.input
     assert engine.delay_samples == L == 16
     # The stream is head + chunks; output m is the conversion of stream sample m.
