@@ -90,6 +90,7 @@ class FastStep(nn.Module):
         self.frames = self.chunk_len // self.L
         self.context_len = model.in_kernel - model.L
         self.taps = model.in_kernel // model.L
+        self.perm = self._channel_order(model)
         with torch.no_grad():
             self._init_prenet(model)
             self._init_encoder(model)
@@ -99,6 +100,19 @@ class FastStep(nn.Module):
             + [f"enc{i}" for i in range(len(self.enc_lengths))] + ["dec_kv", "out"]
 
     # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _channel_order(model: LLVC) -> Tensor:
+        """The order of the encoder's channels in this step: new position -> model channel.
+
+        The grouped projections pair channels ``(2g, 2g + 1)``. Kept parity-major (all even
+        channels, then all odd ones), both projections become multiply-adds over contiguous
+        ``[2, groups]`` blocks instead of strided pairs. LayerNorm does not care about channel
+        order; every other per-channel weight is permuted alike, and so are the encoder and
+        output buffers.
+        """
+        order = torch.arange(model.enc_dim, device=model.in_conv[0].weight.device)
+        return order.reshape(-1, 2).T.reshape(-1) if model.mask_gen.proj and model.enc_dim % 2 == 0 else order
+
     def _init_prenet(self, model: LLVC) -> None:
         self.has_prenet = model.has_prenet
         if not self.has_prenet:
@@ -120,22 +134,25 @@ class FastStep(nn.Module):
                 self.register_buffer(f"pre_b{i}", _const(torch.cat((layer.filter.bias, layer.gate.bias))))
 
     def _init_encoder(self, model: LLVC) -> None:
-        self.register_buffer("w_in", _const(model.in_conv[0].weight.reshape(model.enc_dim, -1).T))
+        P = self.perm
+        self.register_buffer("w_in", _const(model.in_conv[0].weight.reshape(model.enc_dim, -1).T[:, P]))
         enc = model.mask_gen.encoder
         self.enc_lengths = list(enc.buf_lengths)
         self.enc_dilations, self.enc_ln = [], []
         for i, layer in enumerate(enc.dcc_layers):
             dw, ln1, _, pw, ln2, _ = layer.layers
             self.enc_dilations.append(dw.dilation[0])
-            self.register_buffer(f"dw_w{i}", _const(dw.weight[:, 0, :].T))         # [k, C]
-            self.register_buffer(f"dw_b{i}", _const(dw.bias))
-            self.register_buffer(f"pw_w{i}", _const(pw.weight[..., 0].T))           # [C, C]
-            self.register_buffer(f"pw_b{i}", _const(pw.bias))
+            self.register_buffer(f"dw_w{i}", _const(dw.weight[:, 0, :].T[:, P]))   # [k, C]
+            self.register_buffer(f"dw_b{i}", _const(dw.bias[P]))
+            self.register_buffer(f"pw_w{i}", _const(pw.weight[..., 0].T[P][:, P]))  # [C, C]
+            self.register_buffer(f"pw_b{i}", _const(pw.bias[P]))
             for j, ln in ((1, ln1), (2, ln2)):
-                self.register_buffer(f"ln{j}_w{i}", _const(ln.weight))
-                self.register_buffer(f"ln{j}_b{i}", _const(ln.bias))
+                self.register_buffer(f"ln{j}_w{i}", _const(ln.weight[P]))
+                self.register_buffer(f"ln{j}_b{i}", _const(ln.bias[P]))
             self.enc_ln.append(ln1.eps)
-        self.register_buffer("label", _const(model.label_vector(1, "cpu")[0]))
+        device = model.in_conv[0].weight.device
+        self.label_natural = _const(model.label_vector(1, device)[0])
+        self.register_buffer("label", self.label_natural[P].clone())
 
     def _init_decoder(self, model: LLVC) -> None:
         mg = model.mask_gen
@@ -144,26 +161,26 @@ class FastStep(nn.Module):
         self.dec_dim, self.ctx_len, self.chunk = dec.dim, dec.ctx_len, dec.chunk
         self.windows = self.frames // self.chunk
         if self.proj:
-            # e -> [proj_e2d_e(e), proj_e2d_l(label * e)] as one broadcast multiply-add.
+            # In the parity-major channel order (_channel_order) the encoder output reshapes to
+            # [T, parity, G]: e -> [proj_e2d_e(e), proj_e2d_l(label * e)] is one multiply-add
+            # with weights [projection, parity, G], and proj_d2e one with weights [parity, G].
             we, oe, ie = _pairwise(mg.proj_e2d_e[0])
             wl, ol, il = _pairwise(mg.proj_e2d_l[0])
-            if (oe, ie, ol, il) != (1, 2, 1, 2):
-                raise ValueError("FastStep needs proj_e2d_* with two inputs per output channel")
-            label = self.label.reshape(-1, 2)
-            self.register_buffer("w_e2d", _const(torch.stack((we[:, 0, :], wl[:, 0, :] * label))))   # [2,G,2]
-            self.register_buffer("b_e2d", _const(torch.stack((mg.proj_e2d_e[0].bias, mg.proj_e2d_l[0].bias))))
             wd, od, idd = _pairwise(mg.proj_d2e[0])
-            if idd != 1:
-                raise ValueError("FastStep needs proj_d2e with one input per group")
-            self.register_buffer("w_d2e", _const(wd[:, :, 0]))                     # [G, out/G]
-            self.register_buffer("b_d2e", _const(mg.proj_d2e[0].bias))
+            if (oe, ie, ol, il, od, idd) != (1, 2, 1, 2, 2, 1) or model.enc_dim != 2 * we.shape[0]:
+                raise ValueError("FastStep needs grouped projections pairing encoder channels")
+            label = self.label_natural.reshape(-1, 2)
+            self.register_buffer("w_e2d", _const(torch.stack((we[:, 0, :].T, (wl[:, 0, :] * label).T))))
+            self.register_buffer("b_e2d", _const(torch.stack((mg.proj_e2d_e[0].bias, mg.proj_e2d_l[0].bias))))
+            self.register_buffer("w_d2e", _const(wd[:, :, 0].T))                       # [2, G]
+            self.register_buffer("b_d2e", _const(mg.proj_d2e[0].bias[self.perm].reshape(2, -1)))
         pe = dec.pos_enc.pe[0, : self.ctx_len + self.chunk] if dec.use_pos_enc else None
-        zeros = torch.zeros(self.ctx_len + self.chunk, self.dec_dim)
+        zeros = dec.pos_enc.pe.new_zeros(self.ctx_len + self.chunk, self.dec_dim)
         # Layer 0's query rows carry the positional encoding into its residual too.
         self.query_pe = pe is not None
         if self.query_pe:
             self.register_buffer("pe_q", _const(pe[self.ctx_len:]))
-        self.self_att, self.cross_att, self.dec_norms, self.dec_ff = nn.ModuleList(), nn.ModuleList(), [], []
+        self.self_att, self.cross_att, self.dec_norms = nn.ModuleList(), nn.ModuleList(), []
         for i, layer in enumerate(dec.tf_dec_layers):
             first = i == 0 and pe is not None
             self.self_att.append(_Attention(layer.self_attn, pe if first else zeros))
@@ -180,7 +197,7 @@ class FastStep(nn.Module):
 
     def _init_output(self, model: LLVC) -> None:
         self.out_len = model.out_buf_len
-        w = model.out_conv[0].weight[:, 0, :]                                      # [C, (B+1)L]
+        w = model.out_conv[0].weight[self.perm, 0, :]                              # [C, (B+1)L]
         hops = w.reshape(w.shape[0], self.out_len + 1, self.L).permute(1, 0, 2)     # [B+1, C, L]
         self.register_buffer("w_out", _const(hops.reshape(-1, self.L)))            # [(B+1)C, L]
 
@@ -209,13 +226,13 @@ class FastStep(nn.Module):
             e, new[f"enc{i}"] = self._encoder_layer(i, e, st[f"enc{i}"])
         l = e * self.label
         if self.proj:
-            both = torch.relu((e.reshape(self.frames, 1, -1, 2) * self.w_e2d).sum(-1) + self.b_e2d)
+            both = torch.relu((e.reshape(self.frames, 1, 2, -1) * self.w_e2d).sum(2) + self.b_e2d)
             mem, tgt = both[:, 0], both[:, 1]
         else:
             mem, tgt = e, l
         dec, new["dec_kv"] = self._decoder(tgt, mem, st["dec_kv"])
         if self.proj:
-            m = torch.relu((dec.unsqueeze(-1) * self.w_d2e).reshape(self.frames, -1) + self.b_d2e)
+            m = torch.relu(dec.unsqueeze(1) * self.w_d2e + self.b_d2e).reshape(self.frames, -1)
         else:
             m = dec
         mask = l + m if self.skip else m
@@ -234,7 +251,8 @@ class FastStep(nn.Module):
             if self.prenet_fused[i]:
                 y = F.conv1d(conv_in, getattr(self, f"pre_w{i}"), getattr(self, f"pre_b{i}"),
                              dilation=layer.filter.dilation[0])
-                out = conv_in[..., layer.crop:] + torch.tanh(y[:, :1]) * torch.sigmoid(y[:, 1:])
+                # conv_in[..., crop:] is x itself (a layer's cache is its crop): no slice needed.
+                out = x + torch.tanh(y[:, :1]) * torch.sigmoid(y[:, 1:])
             else:
                 out = layer(conv_in)
             x = x + out if self.prenet_combine == "add" else x * out if self.prenet_combine == "multiply" else out
