@@ -18,6 +18,8 @@ test: setup
 
 # Speed and latency live here, not in tests: prints tables.
 bench: setup
+	mkdir -p out/bench
+	.venv/bin/llvc bench --cold-start --json out/bench/step.json --plot out/bench/step.png
 	.venv/bin/python scripts/bench_protocol.py
 	.venv/bin/python scripts/bench_pipeline.py
 

@@ -11,10 +11,11 @@ chunk of each block untimed, because a service runs one backend alone: switching
 chunk made each one start from caches the others had just filled with their own weights
 (measurements in docs/performance.md).
 
-``reference`` is the plain eager model with upstream's math (``GroupedPointwise.upstream_math``
-set on its own copy of the model); ``eager`` is :class:`~models.streaming.StreamingEngine` as
-services run it (:class:`~models.fast_step.FastStep`'s restructured math in PyTorch); ``onnx`` is used when :mod:`models.export` and :mod:`models.onnx_engine`
-import and export. A backend whose whole-clip output differs from reference's by more than
+``reference`` is the plain eager module code with upstream's math
+(``GroupedPointwise.upstream_math`` set on its own copy of the model); ``eager`` is
+:class:`~models.streaming.StreamingEngine` as services run it (:class:`~models.fast_step.FastStep`
+in PyTorch); ``onnx`` (the same FastStep exported, on ONNX Runtime) is used when
+:mod:`models.export` and :mod:`models.onnx_engine` import and export. A backend whose whole-clip output differs from reference's by more than
 :data:`TOLERANCE` is invalid and :func:`choose_backend` never picks it.
 
 RTF here is ``chunk duration / median processing time`` (above 1: faster than real time);
@@ -409,6 +410,9 @@ def write_plot(report: dict, out: str | Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     settings = report["settings"]
     cols = min(4, len(settings))
     rows = -(-len(settings) // cols)
@@ -421,6 +425,8 @@ def write_plot(report: dict, out: str | Path) -> str | None:
         ax.set_title(f"cf {s['chunk_factor']}, {s['threads']} thread(s)")
         ax.set_ylabel("ms per chunk")
         ax.set_yscale("log")  # a 1 ms backend beside a 10 ms one and the chunk duration
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     for ax in list(axes.flat)[len(settings):]:
         ax.axis("off")
     fig.suptitle("per-chunk processing time (whiskers p5-p95; red: chunk duration)")

@@ -92,9 +92,11 @@ class FastStep(nn.Module):
         self.taps = model.in_kernel // model.L
         self.perm = self._channel_order(model)
         with torch.no_grad():
+            # Upstream always conditions on label 0: its embedding is a constant of the model.
+            label = _const(model.label_vector(1, model.in_conv[0].weight.device)[0])
             self._init_prenet(model)
-            self._init_encoder(model)
-            self._init_decoder(model)
+            self._init_encoder(model, label)
+            self._init_decoder(model, label)
             self._init_output(model)
         self.state_names = (["ctx"] if self.context_len else []) + (["prenet"] if self.has_prenet else []) \
             + [f"enc{i}" for i in range(len(self.enc_lengths))] + ["dec_kv", "out"]
@@ -133,7 +135,7 @@ class FastStep(nn.Module):
                 self.register_buffer(f"pre_w{i}", _const(torch.cat((layer.filter.weight, layer.gate.weight))))
                 self.register_buffer(f"pre_b{i}", _const(torch.cat((layer.filter.bias, layer.gate.bias))))
 
-    def _init_encoder(self, model: LLVC) -> None:
+    def _init_encoder(self, model: LLVC, label: Tensor) -> None:
         P = self.perm
         self.register_buffer("w_in", _const(model.in_conv[0].weight.reshape(model.enc_dim, -1).T[:, P]))
         enc = model.mask_gen.encoder
@@ -150,11 +152,9 @@ class FastStep(nn.Module):
                 self.register_buffer(f"ln{j}_w{i}", _const(ln.weight[P]))
                 self.register_buffer(f"ln{j}_b{i}", _const(ln.bias[P]))
             self.enc_ln.append(ln1.eps)
-        device = model.in_conv[0].weight.device
-        self.label_natural = _const(model.label_vector(1, device)[0])
-        self.register_buffer("label", self.label_natural[P].clone())
+        self.register_buffer("label", label[P].clone())
 
-    def _init_decoder(self, model: LLVC) -> None:
+    def _init_decoder(self, model: LLVC, label: Tensor) -> None:
         mg = model.mask_gen
         self.proj, self.skip = mg.proj, mg.skip_connection
         dec = mg.decoder
@@ -169,8 +169,8 @@ class FastStep(nn.Module):
             wd, od, idd = _pairwise(mg.proj_d2e[0])
             if (oe, ie, ol, il, od, idd) != (1, 2, 1, 2, 2, 1) or model.enc_dim != 2 * we.shape[0]:
                 raise ValueError("FastStep needs grouped projections pairing encoder channels")
-            label = self.label_natural.reshape(-1, 2)
-            self.register_buffer("w_e2d", _const(torch.stack((we[:, 0, :].T, (wl[:, 0, :] * label).T))))
+            pairs = label.reshape(-1, 2)
+            self.register_buffer("w_e2d", _const(torch.stack((we[:, 0, :].T, (wl[:, 0, :] * pairs).T))))
             self.register_buffer("b_e2d", _const(torch.stack((mg.proj_e2d_e[0].bias, mg.proj_e2d_l[0].bias))))
             self.register_buffer("w_d2e", _const(wd[:, :, 0].T))                       # [2, G]
             self.register_buffer("b_d2e", _const(mg.proj_d2e[0].bias[self.perm].reshape(2, -1)))

@@ -127,6 +127,18 @@ def test_without_matplotlib_the_plot_is_skipped(report, tmp_path, monkeypatch):
     assert not (tmp_path / "p.png").exists()
 
 
+def test_plot_is_a_png_with_a_panel_per_setting(report, tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    import matplotlib.image
+
+    out = bench.write_plot(report, tmp_path / "p.png")
+    assert out == str(tmp_path / "p.png")
+    data = (tmp_path / "p.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width = matplotlib.image.imread(tmp_path / "p.png").shape[:2]
+    assert width >= 300 and height >= 200
+
+
 def test_cold_start_times_the_service_to_its_first_output():
     r = bench.cold_start(chunk_factor=1, threads=1, timeout=60)
     assert "error" not in r, r
