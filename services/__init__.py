@@ -68,7 +68,10 @@ playback (``services/playback.py``)
     opposite: when at least 12 of the last 16 arrivals were late, spread over 80 ms or more
     (inference overloaded, a congested link), the timeline moves later by their median
     lateness plus ``target_ms`` (silence inserted, ``timeline_grows``), within ``max_ms``; once
-    arrivals are early again the growth is given back, down to 1 ms. For a device sink
+    arrivals are early again the growth is given back, down to 1 ms. Within a stream's first 8
+    chunks, a chunk later than ``max_ms`` (a device that drained a deep buffer as it started
+    ran the output far ahead) restarts the playout at that chunk (``timeline_restarts``)
+    instead of every later chunk being dropped. For a device sink
     ``target_ms`` counts from when audio leaves the buffer; the device's own output latency
     comes on top (e2e includes it).
   * e2e latency of a chunk = time its first sample reaches the output − its ``t_capture_ns``

@@ -57,6 +57,9 @@ TRIM_WINDOW = 16
 GROW_WINDOW = 16
 GROW_LATE = 12
 GROW_SPAN_MS = 80.0
+#: A stream whose chunk arrives more than max_ms late before this many of its chunks were played
+#: restarts its playout at that chunk (see ``_put``) instead of dropping everything that follows.
+RESTART_WITHIN = 8
 #: Stream ids remembered after they were replaced or drained, so stragglers are ignored
 #: instead of switching the output back to an old stream.
 RETIRED_STREAMS = 8
@@ -79,6 +82,7 @@ class JitterStats:
     drained: int = 0             # streams whose source_end was played
     timeline_grows: int = 0      # times persistent lateness moved the timeline later
     grown_samples: int = 0       # silence those moves inserted
+    timeline_restarts: int = 0   # streams whose playout restarted before anything played
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ class JitterBuffer:
         self._lateness: deque[tuple[int, int]] = deque(maxlen=GROW_WINDOW)
         self._pause = 0       # reads still to pause for (silence before the timeline goes on)
         self._grown = 0       # how much later than its start the timeline runs now (growth - trims)
+        self._stream_played = 0  # chunk starts of this stream played so far
         self._valid[:] = False
 
     def _retire(self, drained: bool = False) -> None:
@@ -233,6 +238,15 @@ class JitterBuffer:
         if end <= offset:
             return PutResult(new_stream=new, ignored=True)
 
+        if (self.playing and self._stream_played < RESTART_WITHIN
+                and self.read_pos - offset > self.max):
+            # Late by more than max_ms within the stream's first chunks: the output ran ahead of
+            # the start it was given (a device that drains a deep buffer as it starts reads far
+            # ahead at once), further than growth may ever make up, so everything that follows
+            # would be dropped. No latency has been established yet: start the playout again at
+            # this chunk. Later, lateness is bounded by growth and max_ms instead (a link that
+            # keeps falling behind must not raise latency).
+            self._restart_timeline(offset, arrival_ns)
         if offset > self.newest_end and self.playing:
             # An offset gap: whatever of it was already played as silence was lost upstream
             # (the rest is counted when it is played, see _play).
@@ -287,6 +301,17 @@ class JitterBuffer:
             if first == offset:
                 self._starts[offset] = (stream_id, seq, t_capture_ns)
         return PutResult(new_stream=new, stored=max(0, end - first), late=late, overflow=overflow)
+
+    def _restart_timeline(self, offset: int, arrival_ns: int) -> None:
+        self.read_pos = self.newest_end = offset
+        self._start_ns = arrival_ns + self.target_ns
+        self.playing = False
+        self._starts.clear()
+        self._slack.clear()
+        self._lateness.clear()
+        self._pause = self._grown = 0
+        self._valid[:] = False
+        self.stats.timeline_restarts += 1
 
     def _grow_if_persistently_late(self, n_new: int) -> None:
         """Move the timeline later when most recent arrivals were late (see the module docstring)."""
@@ -348,6 +373,7 @@ class JitterBuffer:
                     sid, seq, t_cap = self._starts.pop(off)
                     res.starts.append(ChunkStart(k + off - pos, sid, seq, off, t_cap))
                 self.stats.chunks_played += len(res.starts)
+                self._stream_played += len(res.starts)
             self._fade(out[k + in_stream:n])
             self.read_pos = pos + m
             if self.source_end is not None and self.read_pos >= self.source_end:

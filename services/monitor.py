@@ -26,6 +26,10 @@ The monitor subscribes to every service's telemetry (all types but ``audio.``) a
   {reason}``, a warning, ``OVERLOADED`` at the head of the status line, gauge
   ``llvc_overloaded``; the first second without either (and with steps running) →
   ``overload_cleared {duration_s}``. The report's ``overload`` has episodes and seconds.
+* **Sound device flags**: PortAudio's input overflows (capture's ``input_overflows``) and
+  output underflows (playback's ``device_underflows``). When a total rises → event
+  ``input_overflow`` / ``output_underflow {service, new, total}``, a warning, and counter
+  ``llvc_device_flags{flag}``; the report's ``device_flags`` has each flag's total and events.
 
 Every ``status_interval_s`` one line (rolling window) is logged and published as
 ``event.monitor {"event": "status", "line"}``; ``inf`` there is the p50 of ``proc_ms``.
@@ -75,6 +79,9 @@ E2E_QS = (0.5, 0.95, 0.99)
 MAX_BATCH = 5000        # messages handled per loop_once, so a flood cannot hold the loop
 MAX_EVENT_KINDS = 256   # distinct (service, event) names counted; more are ignored
 MAX_PIDS = 32           # pids remembered per service for the report
+#: PortAudio status flags that services count → (service, counter): a rise becomes an event.
+DEVICE_FLAGS = {"input_overflow": ("capture", "input_overflows"),
+                "output_underflow": ("playback", "device_underflows")}
 
 
 class MetricsError(RuntimeError):
@@ -154,6 +161,7 @@ class MonitorService(Service):
         self.events: dict[str, int] = {}
         self.chunks = 0
         self.overload = OverloadWatch()
+        self.device_flags = {flag: {"total": 0, "events": 0} for flag in DEVICE_FLAGS}
         self.status_line = ""
         self._t0 = now
         self.started_wall = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -203,6 +211,7 @@ class MonitorService(Service):
             self.counters["rejected"] = self._sub.rejected
             self._check_liveness(now)
             self._check_overload(now)
+            self._check_device_flags()
             if now >= self._next_status:
                 self._next_status = now + self.settings.status_interval_s
                 self._emit_status(now)
@@ -307,6 +316,7 @@ class MonitorService(Service):
 
     def _on_model(self, data: dict) -> None:
         for key, kinds in (("model", (str,)), ("untrained", (bool,)), ("kind", (str,)), ("device", (str,)),
+                           ("backend", (str,)),
                            ("chunk_len", (int,)), ("algorithmic_latency_ms", (int, float)),
                            ("latency_ms", (int, float))):
             v = data.get(key)
@@ -338,6 +348,22 @@ class MonitorService(Service):
             duration = round(self.overload.last_duration, 3)
             self.log("info", "inference keeps up again", overloaded_s=duration)
             self.event("overload_cleared", duration_s=duration)
+
+    def _check_device_flags(self) -> None:
+        """An event (and a warning) when a device flag counter rose since the last check.
+
+        At most one event per flag per loop turn, and the counters arrive with heartbeats: the
+        events cannot flood however often the device glitches.
+        """
+        for flag, (service, counter) in DEVICE_FLAGS.items():
+            seen = self.device_flags[flag]
+            total = self.ledger.total(counter, service)
+            new = total - seen["total"]
+            if new > 0:
+                seen["total"] = total
+                seen["events"] += 1
+                self.log("warning", f"sound device {flag.replace('_', ' ')}", svc=service, new=new, total=total)
+                self.event(flag, service=service, new=new, total=total)
 
     # ------------------------------------------------------------------ figures
     def _rtf(self, mean_proc_ms: float | None, mean_rtf: float | None) -> float | None:
@@ -428,12 +454,14 @@ class MonitorService(Service):
                 "underruns": self.ledger.total("underruns"),
                 "dropped": self.ledger.by_prefix("dropped_"),
                 "resets": self.ledger.total("resets"),
+                "device_flags": {flag: dict(v) for flag, v in self.device_flags.items()},
                 "algorithmic_latency_ms": m.get("algorithmic_latency_ms"),
                 "latency_ms": m.get("latency_ms"),
                 "model": {"id": m.get("model"), "untrained": m.get("untrained"),
                           "kind": m.get("kind", self.cfg.services.get("model", {}).get(
                               "kind", MODEL_SCHEMA["kind"].default)),
-                          "device": m.get("device"), "chunk_len": m.get("chunk_len")},
+                          "device": m.get("device"), "backend": m.get("backend"),
+                          "chunk_len": m.get("chunk_len")},
                 "services": services,
                 "overload": {"now": self.overload.overloaded, "episodes": self.overload.episodes,
                              "seconds": self.overload.total_seconds(now)},
@@ -493,6 +521,7 @@ class _Collector:
                       "resets": mon.ledger.total("resets")}
             dropped, rejected = mon.ledger.by_prefix("dropped_"), mon.rejected()
             restarts = {n: h.restarts for n, h in mon.health.items()}
+            flags = {flag: v["total"] for flag, v in mon.device_flags.items()}
             model = dict(mon.model)
             overloaded = mon.overload.overloaded
         window = f"over the last {mon.settings.window_s:g} s"
@@ -523,7 +552,8 @@ class _Collector:
         for name, doc, label, values in (
                 ("dropped", "Dropped audio by cause", "cause", dropped),
                 ("rejected", "Rejected input messages by service", "service", rejected),
-                ("service_restarts", "Service process restarts", "service", restarts)):
+                ("service_restarts", "Service process restarts", "service", restarts),
+                ("device_flags", "Sound device input overflows and output underflows (PortAudio)", "flag", flags)):
             c = CounterMetricFamily(f"llvc_{name}", doc, labels=[label])
             for key, n in values.items():
                 c.add_metric([key], n)

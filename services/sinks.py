@@ -29,15 +29,23 @@ import numpy as np
 
 from services.jitter import SAMPLE_RATE, JitterBuffer, ReadResult
 from services.recorder import SinkError, WavRecorder
+from services.resample import PASSBAND, StreamResampler, supported
 
 MAX_TICKS_PER_PUMP = 50        # a late paced sink catches up at most this many blocks per pump
 RESYNC_NS = 1_000_000_000      # further behind than this (process stopped): restart the schedule
 DEVICE_POLL_NS = 1_000_000     # how often the device ring is topped up
 DEVICE_MARGIN_S = 0.003        # ring fill kept beyond one callback's worth
-#: soxr quality for the device path. Streaming soxr emits HQ/MQ output in ~1500-frame bursts
-#: (up to 37 ms behind its input at 16 -> 48 kHz), LQ up to 20 ms; QQ (cubic) is 0.1 ms behind
-#: and smooth, and its imaging is far below the speech band. Latency wins here.
+#: The device path resamples 16 kHz up with :class:`services.resample.StreamResampler`: flat to
+#: 7 kHz (0.05 dB) and the images of 0-7 kHz (from 9 kHz up) 71 dB down, for its group delay of
+#: 0.81 ms at 48 kHz (0.93 ms at 44.1 kHz), which :meth:`DeviceSink.pump` counts in the output
+#: time. Streaming soxr emits HQ/MQ output in ~1500-frame bursts (up to 37 ms behind its input at
+#: 16 -> 48 kHz), LQ up to 20 ms; QQ (cubic) is 0.1 ms behind but poor: measured with tones,
+#: 7 kHz comes out 4.3 dB down with its 9 kHz image only 5.7 dB under it (4 kHz: -0.6 dB, image
+#: -26 dB). QQ is kept for rates the FIR does not take.
 RESAMPLE_QUALITY = "QQ"
+#: Stopband of the playback resampler, as a fraction of 16 kHz: images of the passband (7 kHz)
+#: start at 9 kHz, and a stopband from there halves the filter (and its delay) against 8 kHz.
+PLAYBACK_STOPBAND = 1 - PASSBAND
 
 
 # --------------------------------------------------------------------------- paced sink
@@ -123,6 +131,8 @@ class DeviceSink:
         self.index, self.device_name = None, None
         self.rate = SAMPLE_RATE
         self.resampler = None
+        self.resampler_name = "none"
+        self.resampler_delay = 0  # ring frames between a 16 kHz sample's place and its output
         self.ring = np.zeros(1, np.float32)
         self.written = 0         # frames put into the ring (service thread)
         self.taken = 0           # frames taken out of it (callback)
@@ -162,10 +172,7 @@ class DeviceSink:
             raise SinkError(f"playback.sink: PortAudio is not available ({exc})") from None
         index = self._resolve(sd)
         self.rate = int(round(sd.query_devices(index)["default_samplerate"]))
-        if self.rate != SAMPLE_RATE:
-            import soxr
-            self.resampler = soxr.ResampleStream(SAMPLE_RATE, self.rate, 1, dtype="float32",
-                                                 quality=RESAMPLE_QUALITY)
+        self._make_resampler()
         self.ring = np.zeros(self.rate, np.float32)  # 1 s: far above any fill this keeps
         try:
             self.stream = sd.OutputStream(device=index, samplerate=self.rate, channels=1, dtype="float32",
@@ -174,6 +181,17 @@ class DeviceSink:
             raise SinkError(f"playback.sink: cannot open output device {index} "
                             f"({' '.join(str(exc).split())})") from None
         self.index, self.device_name = index, sd.query_devices(index)["name"]
+
+    def _make_resampler(self) -> None:
+        """The resampler from 16 kHz to :attr:`rate` (none if the device runs at 16 kHz)."""
+        if supported(SAMPLE_RATE, self.rate):
+            self.resampler = StreamResampler(SAMPLE_RATE, self.rate, PLAYBACK_STOPBAND)
+            self.resampler_name, self.resampler_delay = "fir", self.resampler.delay_out
+        elif self.rate != SAMPLE_RATE:
+            import soxr
+            self.resampler = soxr.ResampleStream(SAMPLE_RATE, self.rate, 1, dtype="float32",
+                                                 quality=RESAMPLE_QUALITY)
+            self.resampler_name = f"soxr {RESAMPLE_QUALITY}"
 
     def start(self, now_ns: int) -> None:
         try:
@@ -185,7 +203,8 @@ class DeviceSink:
 
     def describe(self) -> dict[str, Any]:
         return {"device": self.index, "device_name": self.device_name, "device_rate": self.rate,
-                "device_latency_ms": round(self.stream.latency * 1000, 3), "resampler": RESAMPLE_QUALITY}
+                "device_latency_ms": round(self.stream.latency * 1000, 3), "resampler": self.resampler_name,
+                "resampler_delay_ms": round(self.resampler_delay * 1000 / self.rate, 3)}
 
     def _sync_clock(self, now_ns: int) -> None:
         """Map PortAudio's stream clock to CLOCK_MONOTONIC by reading both together.
@@ -247,9 +266,9 @@ class DeviceSink:
         if need <= 0:
             return []
         n = min(len(self.buf), -(-math.ceil(need * SAMPLE_RATE / self.rate) // 16) * 16)
-        # Sample j of the jitter buffer's output is ring frame j * rate / 16000: soxr keeps the
-        # two time-aligned (its delay only holds output back; QQ holds back ~5 frames).
-        t_out = self._frame_time_ns(self.fed * self.rate / SAMPLE_RATE, now_ns)
+        # Sample j of the jitter buffer's output is ring frame j * rate / 16000 + the resampler's
+        # group delay (the FIR's; soxr aligns its output itself, QQ holding back ~5 frames).
+        t_out = self._frame_time_ns(self.fed * self.rate / SAMPLE_RATE + self.resampler_delay, now_ns)
         # The buffer's clock is when audio leaves it (now), not when it reaches the DAC: target_ms
         # is slack for arrival jitter, and the device's own latency comes on top (e2e shows it).
         res = jb.read(n, self.buf, now_ns)

@@ -23,13 +23,19 @@ import soxr
 from common.audio import read_audio
 from common.protocol import SAMPLE_RATE
 
+from .resample import StreamResampler, supported
+
 #: Samples between clicks of the ``clicks`` source (250 ms) and a click's length (1 ms).
 CLICK_PERIOD = SAMPLE_RATE // 4
 CLICK_LEN = SAMPLE_RATE // 1000
-#: soxr quality of the device resampler. It costs latency: soxr streams in blocks, so its output
-#: lags its input by 6-37 ms (21 ms on average) at HQ from 48 kHz (LQ ~10 ms, QQ 0). Measured
-#: from a PulseAudio device at 44.1 kHz, a chunk left capture 24 ms (median) after its last
-#: sample's ADC time with HQ, 14 ms with LQ, 2 ms with QQ.
+#: soxr quality of the device resampler, used only for rates :mod:`services.resample` does not
+#: take (factors over 1000). soxr streams in blocks, so its output lags its input by 6-37 ms
+#: (21 ms on average) at HQ from 48 kHz (LQ ~11 ms; QQ 0, but it does not filter: a tone at
+#: 8.5-24 kHz aliases at full level). Measured from a PulseAudio device at 44.1 kHz, a chunk
+#: left capture 24 ms (median) after its last sample's ADC time with HQ, 14 ms with LQ, 2 ms
+#: with QQ. The FIR resampler lags by its group delay only: 1.62 ms from 48 kHz (26 samples at
+#: 16 kHz), 1.69 ms from 44.1 kHz (``scripts/bench_resample.py``); from that PulseAudio device a
+#: chunk left 1.7-2.4 ms after its last sample's ADC time (HQ: 24.1-24.8 ms, same runs).
 RESAMPLE_QUALITY = "HQ"
 _NS = 1_000_000_000
 #: Gain of the filter that smooths PortAudio's ADC times (measured jitter here: +-2 ms per
@@ -197,30 +203,34 @@ class DeviceInput:
     :meth:`callback` runs on PortAudio's thread: it copies the block, its ADC time, its arrival
     time and the frames dropped before it into the queue and returns; if the queue is full the
     block is dropped and counted (:attr:`overflows`), never waited for. :meth:`pump` runs on the
-    sender thread: it mixes down, resamples with a streaming soxr resampler, stamps and frames.
+    sender thread: it mixes down, resamples (:func:`make_device_resampler`), stamps and frames.
 
     Times: PortAudio's ADC time is on the stream's clock; :meth:`sync` samples that clock and
     ``CLOCK_MONOTONIC`` together once, and ``t_mono = adc - stream_time_at_sync +
     mono_at_sync``. Each block's ADC time gives an estimate of when input frame 0 (since the
     last resampler clear) was captured; a first-order filter smooths those estimates (ADC times
     jitter by milliseconds, the sample clock does not) while following the device clock's drift
-    against the host's. soxr's stream output is time-aligned with its input (output sample
-    ``j`` is input time ``j / 16000`` after input frame 0), so every pushed piece is anchored at
-    the time of its first sample.
+    against the host's. The resampled stream is time-aligned with its input: stream sample
+    ``j`` (since the last clear) is input time ``j / 16000`` after input frame 0. The FIR
+    resampler's output ``j`` is input time ``(j - delay) / 16000`` (its group delay, a whole
+    number of samples), so its first ``delay`` outputs are dropped after every clear; soxr
+    aligns its output itself (it holds it back). So every pushed piece is anchored at the time
+    of its first sample.
     """
 
     def __init__(self, framer: Any, rate: int, queue_blocks: int):
         self.framer = framer
         self.rate = rate
         self.queue: queue.Queue = queue.Queue(maxsize=queue_blocks)
-        self.resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+        self.resampler, self.resampler_delay = make_device_resampler(rate)
         #: Blocks lost: queue full or PortAudio's input_overflow flag (written by the callback only).
         self.overflows = 0
         self._dropped_frames = 0  # callback thread only: frames dropped since the last queued block
         self._sync: tuple[float, int] | None = None
         self._base = framer.pos   # stream index of resampler output 0 (since the last clear)
         self._in = 0              # input frames fed since the last clear
-        self._out = 0             # output samples received since the last clear
+        self._out = 0             # output samples received since the last clear (after the delay)
+        self._lead = self.resampler_delay  # resampler outputs still to drop (its group delay)
         self._t0: float | None = None  # filtered monotonic ns of input frame 0 (since the last clear)
 
     # ------------------------------------------------------------------ PortAudio thread
@@ -273,18 +283,49 @@ class DeviceInput:
             self.resampler.clear()
             self.framer.skip(max(0, target - self.framer.pos))
             self._base, self._in, self._out, self._t0 = self.framer.pos, 0, 0, None
+            self._lead = self.resampler_delay
         t0 = self.to_mono_ns(adc_time, arrived_ns, len(x)) - self._in * _NS / self.rate
         if self._t0 is None or abs(t0 - self._t0) > ADC_RESYNC_NS:
             self._t0 = t0
         else:
             self._t0 += (t0 - self._t0) * ADC_SMOOTHING
         y = self.resampler.resample_chunk(x)
+        if self._lead:
+            cut = min(self._lead, len(y))
+            y, self._lead = y[cut:], self._lead - cut
         if len(y):
             # y[0] is output sample self._out: input time self._out / 16000 after input frame 0.
             self.framer.anchor(self.framer.pos, round(self._t0 + self._out * _NS / SAMPLE_RATE))
             self.framer.push(y)
         self._in += len(x)
         self._out += len(y)
+
+
+class _Same:
+    """The resampler for a device already at 16 kHz: none."""
+
+    @staticmethod
+    def resample_chunk(x: np.ndarray) -> np.ndarray:
+        return x
+
+    def clear(self) -> None:
+        pass
+
+
+def make_device_resampler(rate: int) -> tuple[Any, int]:
+    """``(resampler, delay)`` from a device's ``rate`` to 16 kHz: ``resample_chunk(x)`` and
+    ``clear()``; its output ``j`` is input time ``(j - delay) / 16000`` after its input frame 0.
+
+    The FIR resampler (:class:`services.resample.StreamResampler`, 1.6-1.7 ms of delay) where it
+    applies; soxr at :data:`RESAMPLE_QUALITY` otherwise (delay 0: it holds its output back by
+    6-37 ms instead).
+    """
+    if rate == SAMPLE_RATE:
+        return _Same(), 0
+    if supported(rate, SAMPLE_RATE):
+        r = StreamResampler(rate, SAMPLE_RATE)
+        return r, r.delay_out
+    return soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY), 0
 
 
 def resolve_input_device(spec: str) -> tuple[Any, int, dict, int, int]:

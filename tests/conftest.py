@@ -48,6 +48,17 @@ def ref_default() -> Reference:
     return _cache["ref_default"]
 
 
+@pytest.fixture(scope="session")
+def ref_default_artifact(tmp_path_factory) -> Path:
+    """``llvc export``'s artifact of the ref_default fixture at chunk factor 1 (exported once)."""
+    pytest.importorskip("onnxscript", reason="the onnx extra is not installed (pip install -e '.[onnx]')")
+    from models.checkpoint import load_model
+    from models.export import export_onnx
+
+    model, info = load_model(REF / "ref_default.pth", REF / REF_CONFIGS["ref_default"])
+    return export_onnx(model, info, 1, tmp_path_factory.mktemp("onnx") / "ref_default-cf1.onnx")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _artifact_cache(tmp_path_factory):
     """An empty ONNX artifact cache of the session's own, and no export by ``llvc run``.
@@ -69,3 +80,18 @@ def _artifact_cache(tmp_path_factory):
 def _torch_threads():
     # Two cores here; pinning keeps timings and results reproducible across runs.
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def pulse(tmp_path_factory):
+    """A PulseAudio server with null sinks ``llvc_in`` and ``llvc_out`` for the session (tests/pulse.py).
+
+    Clients need its ``env`` (``PULSE_SERVER`` and ``ALSA_CONFIG_PATH``); PortAudio then lists
+    ``llvc_in``, ``llvc_out``, ``pulse`` and ``default``. Skips where PulseAudio is not installed.
+    """
+    from pulse import PulseServer
+
+    if not PulseServer.available():
+        pytest.skip("PulseAudio is not installed (pulseaudio, pulseaudio-utils): no virtual sound devices")
+    with PulseServer.start(tmp_path_factory.mktemp("pulse")) as srv:
+        yield srv

@@ -366,3 +366,40 @@ def test_growth_is_given_back_once_the_lateness_is_over():
     assert e2e[-1] == pytest.approx(e2e[0] + 3.0, abs=BLOCK / 16)   # what the 3 ms lag needs
     assert e2e[-1] < e2e[0] + grown_ms - 2
     assert jb.stats.dropped_late == GROW_LATE  # only those that made it grow
+
+
+def test_output_that_ran_ahead_at_the_start_restarts_the_playout_instead_of_dropping_all():
+    """A device that drains a deep buffer as it starts reads 300 ms at once, right after the
+    first chunk: every later chunk would be wholly late, beyond what growth may add (max_ms), and
+    nothing would ever play. Within a stream's first chunks the playout restarts at the late
+    chunk instead, and from then on the chunks play in place, on time."""
+    jb = JitterBuffer(target_ms=4, max_ms=60, fade_ms=2)
+    sig = signal(20 * C)
+    buf = np.zeros(4800, np.float32)
+    put_chunk(jb, sig, 0, on_time(0))
+    jb.read(4800, buf, 0)                      # the device's deep first read
+    assert jb.read_pos > 10 * C
+    put_chunk(jb, sig, 1, on_time(1))          # late by more than max_ms: restart here
+    assert jb.stats.timeline_restarts == 1 and jb.stats.dropped_late == 0
+    underruns = jb.stats.underruns             # the deep read itself ran dry after chunk 0
+    played, t = [], on_time(1) + 4 * MS
+    for k in range(2, 20):
+        while t < on_time(k):
+            res = jb.read(BLOCK, buf, t)
+            played += [s.offset for s in res.starts]
+            assert np.array_equal(buf[res.stream_index:res.stream_index + res.stream_samples],
+                                  sig[res.stream_offset:res.stream_offset + res.stream_samples]) or res.underruns
+            t += BLOCK * NS
+        put_chunk(jb, sig, k, on_time(k))
+    assert played[:5] == [k * C for k in range(1, 6)]
+    assert jb.stats.timeline_restarts == 1 and jb.stats.dropped_late == 0 and jb.stats.underruns == underruns
+
+
+def test_late_chunks_after_the_start_are_dropped_not_restarted():
+    """Once the stream has played, the restart never applies: lateness is growth's business."""
+    n = 60
+    jb = JitterBuffer(target_ms=4, max_ms=60, fade_ms=2)
+    sig = signal(n * C)
+    arrival = lambda k: on_time(k) + (15 * MS if k >= 10 else 0)  # noqa: E731
+    simulate(jb, chunk_puts(jb, sig, range(n), arrival), blocks_for(n, target_ms=40))
+    assert jb.stats.timeline_restarts == 0 and jb.stats.timeline_grows == 1

@@ -257,6 +257,36 @@ def test_counters_summed_across_restarts_without_double_counting(fakes):
     assert report["services"]["capture"]["restarts"] == 0
 
 
+def test_device_overflows_and_underflows_become_events_and_report_totals(fakes):
+    cfg = make_config("tcp", "monitor.metrics_port=0", "monitor.status_interval_s=0.2")
+    capture, playback = fakes(cfg, "capture", "playback")
+    lbus, events = listener(cfg)
+    try:
+        with Monitor(cfg) as mon:
+            wait_event(events, lambda d: d["event"] == "status")  # the listener is connected
+            capture.connect(mon)
+            playback.connect(mon)
+            capture.heartbeat(71, {"input_overflows": 0}, uptime_s=1.0)
+            playback.heartbeat(72, {"device_underflows": 0}, uptime_s=1.0)
+            capture.heartbeat(71, {"input_overflows": 2}, uptime_s=2.0)
+            over = wait_event(events, lambda d: d["event"] == "input_overflow")
+            assert over == {"event": "input_overflow", "service": "capture", "new": 2, "total": 2}
+            playback.heartbeat(72, {"device_underflows": 1}, uptime_s=2.0)
+            under = wait_event(events, lambda d: d["event"] == "output_underflow")
+            assert under == {"event": "output_underflow", "service": "playback", "new": 1, "total": 1}
+            # Repeated heartbeats with the same counts are no new event; a rise is; a restarted
+            # capture (new pid, counting from 0) adds to the total.
+            capture.heartbeat(71, {"input_overflows": 2}, uptime_s=3.0)
+            capture.heartbeat(73, {"input_overflows": 1}, uptime_s=0.5)
+            over = wait_event(events, lambda d: d["event"] == "input_overflow")
+            assert (over["new"], over["total"]) == (1, 3)
+            report = mon.report()
+    finally:
+        lbus.close()
+    assert report["device_flags"] == {"input_overflow": {"total": 3, "events": 2},
+                                      "output_underflow": {"total": 1, "events": 1}}
+
+
 def test_stale_after_missed_heartbeats_then_back(fakes):
     cfg = make_config("tcp", "monitor.metrics_port=0", "bus.heartbeat_interval_s=0.2")
     (capture,) = fakes(cfg, "capture")
@@ -335,6 +365,7 @@ def test_metrics_served_from_a_private_registry(fakes):
     assert samples[("llvc_service_up", (("service", "capture"),))] == 0
     assert samples[("llvc_inference_rtf", ())] == pytest.approx(13.0 / 5.5)
     assert samples[("llvc_model_algorithmic_latency_ms", ())] == 14.0
+    assert samples[("llvc_device_flags_total", (("flag", "output_underflow"),))] == 0
     assert not any(name.startswith(("python_", "process_")) for name, _ in samples)  # not the global registry
 
 

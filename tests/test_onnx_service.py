@@ -20,13 +20,9 @@ from test_inference_service import (C, REF, Harness, config, llvc_inference, ove
 CKPT, CONFIG = REF / "ref_default.pth", REF / "config.json"
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    from models.checkpoint import load_model
-    from models.export import export_onnx
-
-    model, info = load_model(CKPT, CONFIG)
-    return export_onnx(model, info, 1, tmp_path_factory.mktemp("onnx") / "ref_default-cf1.onnx")
+@pytest.fixture
+def artifact(ref_default_artifact) -> Path:
+    return ref_default_artifact
 
 
 def test_onnx_backend_reproduces_offline_conversion(artifact, ref_default):

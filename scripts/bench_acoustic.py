@@ -1,0 +1,120 @@
+"""Acoustic mouth-to-ear latency through real devices, per chunk factor, beside the monitor's figure.
+
+Starts its own PulseAudio server with two null sinks (``tests/pulse.py``; these machines have no
+sound card), plays probe bursts into ``llvc_in`` while ``llvc run`` captures its monitor and
+plays into ``llvc_out``, records both monitors and cross-correlates (``tests/acoustic.py``).
+
+Per chunk factor, two runs: the passthrough model, whose output is its input, so the bursts can
+be found again: acoustic p50/p95 over the bursts beside the monitor's e2e p50 for the same
+chunks; then the LLVC model (the untrained default unless ``-p`` is given after ``--``; backend
+auto), whose output is not its input (nothing to correlate), with the monitor's figures, which
+the first run shows to be the acoustic truth, and its underruns.
+
+    .venv/bin/python scripts/bench_acoustic.py                  # cf 1, 2, 4; 30 bursts
+    .venv/bin/python scripts/bench_acoustic.py --bursts 20 --factors 1
+    .venv/bin/python scripts/bench_acoustic.py -- --set playback.target_ms=4   # more llvc run arguments
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from acoustic import Recorder, burst_train, measure, play  # noqa: E402
+from bus_helpers import endpoint_overrides, free_port  # noqa: E402
+from harness import RunningPipeline  # noqa: E402
+from pulse import PulseServer  # noqa: E402
+
+
+def one_setting(srv, factor: int, bursts: int, model_args: list[str], extra: list[str], work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    rec_a = Recorder("llvc_in.monitor", work / "a.npz", srv.env)
+    rec_b = Recorder("llvc_out.monitor", work / "b.npz", srv.env)
+    rec_a.wait_ready()
+    rec_b.wait_ready()
+    sets = [*endpoint_overrides("tcp"), f"monitor.metrics_port={free_port()}"]
+    env = {**srv.env, "PULSE_SOURCE": "llvc_in.monitor", "PULSE_SINK": "llvc_out"}
+    try:
+        with RunningPipeline(work / "run", ["--source", "device:", "--sink", "device:", "-n", str(factor),
+                                            *model_args, *extra], sets, env=env) as p:
+            p.wait_streaming(3.0)
+            player = play("llvc_in", burst_train(bursts), srv.env, work)
+            player.wait(timeout=bursts * 0.5 + 30)
+            time.sleep(0.5)
+            played = p.observer.played()
+            counters = p.observer.counters("playback")
+            report = p.stop()
+    finally:
+        a, b = rec_a.stop(), rec_b.stop()
+    m = measure(a, b)
+    base = {"chunk_factor": factor, "underruns": counters.get("underruns"),
+            "dropped_late": counters.get("dropped_late"), "report_e2e": (report or {}).get("e2e_latency_ms"),
+            "inference_ms": (report or {}).get("inference_ms"), "backend": ((report or {}).get("model") or {}).get("backend")}
+    if not m.latencies_ms:
+        return {**base, "error": f"no burst came through ({m.missed} missed)"}
+    lo, hi = min(m.times_ns), max(m.times_ns)
+    mon = [c.e2e_ms for c in played if lo <= c.t_capture_ns <= hi]
+    return {**base, "bursts": len(m.latencies_ms), "missed": m.missed,
+            "acoustic_p50": m.median_ms, "acoustic_p95": m.percentile(95),
+            "monitor_p50": float(np.median(mon)) if mon else None, "correlation": m.correlation}
+
+
+def _ms(v) -> str:
+    return f"{v:.2f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--factors", default="1,2,4")
+    ap.add_argument("--bursts", type=int, default=30, help="probe bursts per setting (0.5 s apart)")
+    ap.add_argument("--passthrough", action="store_true", help="only the passthrough runs (no LLVC model run)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("extra", nargs="*", help="more llvc run arguments after --")
+    args = ap.parse_args()
+    if not PulseServer.available():
+        print("bench_acoustic: needs pulseaudio and pacat (scripts/setup.sh installs them)", file=sys.stderr)
+        return 2
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="llvc-acoustic-") as tmp:
+        srv = PulseServer.start(Path(tmp) / "pulse", sinks=("llvc_in", "llvc_out"))
+        try:
+            for f in (int(v) for v in args.factors.split(",")):
+                rows.append(one_setting(srv, f, args.bursts, ["--passthrough"], args.extra, Path(tmp) / f"cf{f}"))
+                if not args.passthrough:
+                    rows[-1]["llvc"] = one_setting(srv, f, 4, [], args.extra, Path(tmp) / f"cf{f}-llvc")
+                    rows[-1]["llvc"].pop("error", None)
+        finally:
+            srv.stop()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"acoustic e2e through PulseAudio null sinks (passthrough model), {args.bursts} bursts per setting")
+    print(f"{'cf':>3} {'bursts':>6} {'acoustic p50':>13} {'p95':>7} {'monitor p50':>12} {'diff':>6} "
+          f"{'underruns':>9} {'late':>5} {'corr':>6} | LLVC: {'monitor p50':>11} {'p99':>6} {'inf p50':>7} {'underruns':>9}")
+    for r in rows:
+        llvc = r.get("llvc") or {}
+        e2e = llvc.get("report_e2e") or {}
+        inf = llvc.get("inference_ms") or {}
+        tail = (f" | {'':5} {_ms(e2e.get('p50')):>11} {_ms(e2e.get('p99')):>6} {_ms(inf.get('p50')):>7} "
+                f"{llvc.get('underruns', ''):>9}" if llvc else "")
+        if "error" in r:
+            print(f"{r['chunk_factor']:>3}  {r['error']}{tail}")
+            continue
+        mon = r["monitor_p50"]
+        diff = f"{mon - r['acoustic_p50']:+6.2f}" if mon is not None else "   n/a"
+        print(f"{r['chunk_factor']:>3} {r['bursts']:>6} {r['acoustic_p50']:>10.2f} ms {r['acoustic_p95']:>7.2f} "
+              f"{_ms(mon):>9} ms {diff} {r['underruns']:>9} {r['dropped_late']:>5} {r['correlation']:>6.3f}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""Mouth-to-ear latency through real devices, measured acoustically, against the monitor's figure.
+
+Two PulseAudio null sinks (``tests/pulse.py``): the test plays probe bursts and a speech clip
+into ``llvc_in``; the pipeline captures ``llvc_in.monitor`` and plays into ``llvc_out``; two
+recorder processes record both monitors on ``CLOCK_MONOTONIC`` (``tests/acoustic.py`` says how
+and why their own latency cancels). Real server, real PortAudio devices, real services under
+``llvc run``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+from acoustic import RATE, Recorder, burst_train, clip_match, measure, play
+from bus_helpers import endpoint_overrides, free_port
+from common.audio import read_audio
+from harness import RunningPipeline
+
+DATA = Path(__file__).resolve().parent / "data"
+REF = DATA / "llvc-reference"
+SPEECH = DATA / "174-50561-0000.wav"
+BURSTS = 20
+#: The monitor's e2e median and the acoustic one may differ by at most this (the issue's bar).
+AGREE_MS = 3.0
+
+
+#: PortAudio output latency for the sink. With "low" (8.6 ms through the ALSA pulse plugin) a
+#: loaded 2-core machine sometimes falls into ALSA underrun after underrun, each of which drains
+#: the playout ahead of the audio; 20 ms keeps these tests about the pipeline, not about that.
+SINK_LATENCY = "playback.device_latency=0.02"
+
+
+def private_sets(*extra: str) -> list[str]:
+    return [*endpoint_overrides("tcp"), f"monitor.metrics_port={free_port()}", SINK_LATENCY, *extra]
+
+
+def device_env(pulse) -> dict[str, str]:
+    """Capture reads ``llvc_in.monitor`` and playback plays into ``llvc_out`` (their defaults)."""
+    return {**pulse.env, "PULSE_SOURCE": "llvc_in.monitor", "PULSE_SINK": "llvc_out"}
+
+
+def speech_48k(seconds: float) -> np.ndarray:
+    x = read_audio(SPEECH, 16000)[: int(seconds * 16000)]
+    return (0.5 * soxr.resample(x, 16000, RATE, quality="VHQ") / max(1e-6, float(np.abs(x).max()))).astype(np.float32)
+
+
+def wait_steady(p, quiet_s: float = 1.5, timeout: float = 30.0) -> None:
+    """Until playback has reported no drop and no underrun for ``quiet_s`` (a device stream's
+    start can take PulseAudio a few seconds to settle)."""
+    def bad() -> tuple:
+        c = p.observer.counters("playback")
+        return c.get("dropped_late"), c.get("underruns")
+    end = time.monotonic() + timeout
+    last, since = bad(), time.monotonic()
+    while time.monotonic() < end:
+        time.sleep(0.1)
+        now = bad()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+    raise AssertionError(f"playback never ran {quiet_s} s without drops or underruns: {last}")
+
+
+def run_with_probe(pulse, tmp_path: Path, args: list[str], probe: np.ndarray, settle_s: float = 2.0):
+    """Record both monitors while the pipeline runs and ``probe`` plays into ``llvc_in``."""
+    rec_a = Recorder("llvc_in.monitor", tmp_path / "a.npz", pulse.env)
+    rec_b = Recorder("llvc_out.monitor", tmp_path / "b.npz", pulse.env)
+    try:
+        rec_a.wait_ready()
+        rec_b.wait_ready()
+        with RunningPipeline(tmp_path / "run", ["--source", "device:", "--sink", "device:", *args],
+                             private_sets(), env=device_env(pulse)) as p:
+            p.wait_streaming(settle_s)
+            wait_steady(p)
+            counters_before = p.observer.counters("playback")
+            player = play("llvc_in", probe, pulse.env, tmp_path)
+            assert player.wait(timeout=len(probe) / RATE + 20) == 0, player.stderr.read()
+            time.sleep(0.5)
+            counters_after = p.observer.counters("playback")
+            played = p.observer.played()
+            report = p.stop()
+    finally:
+        a, b = rec_a.stop(), rec_b.stop()
+    assert report is not None, p.text()[-3000:]
+    return a, b, report, counters_before, counters_after, played
+
+
+def monitor_e2e_ms(played, t_from_ns: float, t_to_ns: float) -> float:
+    """Median e2e the monitor's bus reported for chunks captured in ``[t_from, t_to]``."""
+    e2e = [c.e2e_ms for c in played if t_from_ns <= c.t_capture_ns <= t_to_ns]
+    assert e2e, "no chunk was reported played for that period"
+    return float(np.median(e2e))
+
+
+def test_passthrough_is_heard_as_played_and_the_monitor_e2e_is_the_acoustic_latency(pulse, tmp_path):
+    speech = speech_48k(3.0)
+    probe = np.concatenate([burst_train(BURSTS), np.zeros(RATE // 2, np.float32), speech])
+    a, b, report, _, _, played = run_with_probe(pulse, tmp_path, ["--passthrough"], probe)
+
+    m = measure(a, b)
+    assert len(m.latencies_ms) >= BURSTS - 2 and m.missed <= 2, m
+    assert m.correlation >= 0.95, m
+    acoustic = m.median_ms
+    # The monitor's figure for the same audio: chunks captured while the bursts went in.
+    monitor = monitor_e2e_ms(played, min(m.times_ns), max(m.times_ns))
+    assert abs(monitor - acoustic) <= AGREE_MS, (monitor, acoustic, m.latencies_ms)
+
+    # The speech clip, aligned by the measured latency, comes out as it went in.
+    assert clip_match(a, b, speech, acoustic) >= 0.95
+
+
+def test_llvc_model_runs_on_devices_without_underruns_at_steady_state(pulse, tmp_path, ref_default_artifact):
+    """The fixture checkpoint on the default CPU backend (ONNX Runtime, as backend auto picks
+    once the artifact exists)."""
+    probe = np.concatenate([speech_48k(4.0), np.zeros(RATE, np.float32), speech_48k(4.0)])
+    # A 20 ms playout margin instead of 6: on a loaded 2-core CI machine, with PulseAudio, two
+    # recorders and a player beside the four services, a chunk now and then arrives 6-10 ms
+    # late (1 in ~700 with 10 ms here). The latency figures are the benchmark's business.
+    args = ["-p", str(REF / "ref_default.pth"), "-c", str(REF / "config.json"), "--set", "playback.target_ms=20",
+            "--set", f"inference.artifact={ref_default_artifact}"]
+    _, _, report, before, after, _ = run_with_probe(pulse, tmp_path, args, probe, settle_s=3.0)
+    # Steady state: from 3 s after audio started flowing to the end of the probe.
+    assert after["underruns"] - before["underruns"] == 0, (before, after)
+    e2e = report["e2e_latency_ms"]
+    assert e2e["p50"] is not None and 14.0 < e2e["p50"] < 200.0, e2e
+    assert report["model"]["kind"] == "llvc" and report["chunks"] > 0
+    assert report["model"]["backend"] == "onnx", report["model"]
