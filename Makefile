@@ -22,6 +22,7 @@ bench: setup
 	.venv/bin/llvc bench --cold-start --json out/bench/step.json --plot out/bench/step.png
 	.venv/bin/python scripts/bench_protocol.py
 	.venv/bin/python scripts/bench_pipeline.py
+	.venv/bin/python scripts/bench_quality.py --json out/bench/quality.json
 
 clean:
 	rm -rf out/

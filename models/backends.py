@@ -64,21 +64,24 @@ def artifact_version() -> int:
 def cached_artifact_path(checkpoint: str | Path | None, config: str | Path | None, chunk_factor: int) -> Path:
     """Where the cache keeps the artifact of this model (``<cache>/onnx/<name>.onnx``).
 
-    The name ends in a SHA-256 over the checkpoint file's SHA-256 (``"untrained-default"``
-    without one), the model config (``to_json_dict()``, keys sorted), the chunk factor and the
-    artifact version: anything that changes what the graph would be changes the name. Raises
-    what reading the checkpoint or config raises (``OSError``, ``ConfigError``).
+    ``checkpoint`` and ``config`` as given: :func:`models.config.resolve_model_files` says what
+    they load (neither: the embedded demo voice). The name ends in a SHA-256 over the checkpoint
+    file's SHA-256 (``"untrained-default"`` for the untrained seeded model), the model config
+    (``to_json_dict()``, keys sorted), the chunk factor and the artifact version: anything that
+    changes what the graph would be changes the name. Raises what reading the checkpoint or
+    config raises (``OSError``, ``ConfigError``).
     """
-    from .config import file_digest, load_config
+    from .config import file_digest, load_config, resolve_model_files
 
+    files = resolve_model_files(checkpoint, config)
     key = {
-        "checkpoint_sha256": file_digest(checkpoint) if checkpoint else "untrained-default",
-        "config": load_config(config or None).to_json_dict(),
+        "checkpoint_sha256": file_digest(files.checkpoint) if files.checkpoint else "untrained-default",
+        "config": load_config(files.config).to_json_dict(),
         "chunk_factor": int(chunk_factor),
         "artifact_version": artifact_version(),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(checkpoint).stem)[:40] if checkpoint else "untrained"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", files.checkpoint.stem)[:40] if files.checkpoint else "untrained"
     return cache_dir() / "onnx" / f"{stem}-cf{int(chunk_factor)}-{digest}.onnx"
 
 
@@ -88,9 +91,14 @@ def export_hint(checkpoint, config, chunk_factor: int) -> str:
             + (f" -c {config}" if config else "") + f" -n {chunk_factor}")
 
 
-def model_label(checkpoint) -> str:
-    """How a model is named in messages: its checkpoint file, or the untrained default."""
-    return str(checkpoint) if checkpoint else "the untrained default model"
+def model_label(checkpoint, config) -> str:
+    """How a model is named in messages: the demo voice, its checkpoint file, or untrained."""
+    from .config import DEMO_CHECKPOINT, REPO_ROOT, resolve_model_files
+
+    files = resolve_model_files(checkpoint, config)
+    if files.demo:
+        return f"the embedded demo voice ({DEMO_CHECKPOINT.relative_to(REPO_ROOT)})"
+    return str(files.checkpoint) if files.checkpoint else f"the untrained seeded model of {files.config}"
 
 
 def ensure_artifact(checkpoint: str | Path | None, config: str | Path | None, chunk_factor: int,
@@ -119,7 +127,8 @@ def ensure_artifact(checkpoint: str | Path | None, config: str | Path | None, ch
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if valid():  # made by whoever held the lock before us
             return path
-        log(f"exporting the ONNX step for {model_label(checkpoint)} cf {chunk_factor} into {path} (once; ~10 s)")
+        log(f"exporting the ONNX step for {model_label(checkpoint, config)} cf {chunk_factor} into {path} "
+            "(once; ~10 s)")
         from .checkpoint import load_model
         from .export import export_onnx
 

@@ -43,6 +43,8 @@ from typing import Callable
 
 import numpy as np
 
+from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP, demo_model_line, resolve_model_files
+
 #: A backend's whole-clip output may differ from reference's by at most this to be valid.
 TOLERANCE = 1e-4
 DEFAULT_CLIP = Path(__file__).resolve().parents[1] / "tests" / "data" / "174-50561-0000.wav"
@@ -450,8 +452,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=1, help="whole-clip passes pooled (default 1)")
     p.add_argument("--json", metavar="OUT", help="write the full report (with per-chunk times) as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="per-chunk latency box plots (needs matplotlib)")
-    p.add_argument("-p", "--checkpoint", help="LLVC checkpoint (default: the untrained default model)")
-    p.add_argument("-c", "--config", help="model config JSON (default config/llvc.json)")
+    p.add_argument("-p", "--checkpoint", help=f"LLVC checkpoint ({CHECKPOINT_DEFAULT_HELP})")
+    p.add_argument("-c", "--config", help=f"model config JSON ({CONFIG_DEFAULT_HELP})")
     p.add_argument("--quick", action="store_true",
                    help=f"chunk factor 1, 1 thread, first {QUICK_SECONDS:g} s of the clip, 5 warm-up chunks")
     p.add_argument("--cold-start", action="store_true",
@@ -485,8 +487,10 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     print(format_table(report))
     print(f"fastest valid backend: {choose_backend(report)}")
-    if not report["model"]["trained"]:
-        print("NOTE: benchmarked the UNTRAINED default model (no -p given)", file=sys.stderr)
+    if resolve_model_files(args.checkpoint, args.config).demo:
+        print(demo_model_line("llvc bench", report["model"]["id"]), file=sys.stderr)
+    elif not report["model"]["trained"]:
+        print("NOTE: benchmarked an UNTRAINED seeded model (-c without -p)", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")

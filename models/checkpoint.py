@@ -1,8 +1,10 @@
-"""Loading LLVC weights: upstream checkpoints, bare state dicts, or the seeded default model.
+"""Loading LLVC weights: upstream checkpoints, bare state dicts, or the untrained seeded model.
 
 Upstream publishes ``G_500000.pth`` as ``{"model": state_dict, ...}``; a bare state dict is
-accepted too. Files are read with ``torch.load(weights_only=True)`` so nothing in them is
-executed. Every refusal is one :class:`CheckpointError` line: the file, then what is wrong.
+accepted too, in float32 or float16 storage (loaded into float32 parameters either way). Files
+are read with ``torch.load(weights_only=True)`` so nothing in them is executed. Every refusal is
+one :class:`CheckpointError` line: the file, then what is wrong. Which files are loaded when
+none are given is :func:`models.config.resolve_model_files`'s rule: the embedded demo voice.
 """
 from __future__ import annotations
 
@@ -12,16 +14,18 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, file_digest, load_config  # noqa: F401 - file_digest re-exported
+from .config import (ModelConfig, checkpoint_model_id, demo_description, file_digest,  # noqa: F401 - re-exported
+                     load_config, resolve_model_files)
 from .llvc import LLVC
 
-#: Seed of the untrained default model's weights (the same model every time).
+#: Seed of the untrained model's weights (the same model every time).
 DEFAULT_SEED = 0
-#: The default model's output conv weights are scaled by this so its tanh is not saturated.
+#: The untrained model's output conv weights are scaled by this so its tanh is not saturated.
 DEFAULT_OUT_SCALE = 0.05
-UNTRAINED_WARNING = ("WARNING: no checkpoint given, using the UNTRAINED default model (seeded random "
-                     "weights): the output is not a converted voice. Pass -p G_500000.pth for a real "
-                     "model (see README, 'Models').")
+UNTRAINED_WARNING = ("WARNING: a model config but no checkpoint given, using the UNTRAINED seeded model "
+                     "of that config (random weights): the output is not a converted voice. Pass -p "
+                     "CHECKPOINT for a real model, or neither -p nor -c for the embedded demo voice "
+                     "(see README, 'Models').")
 
 
 class CheckpointError(ValueError):
@@ -36,11 +40,14 @@ class ModelInfo:
     checkpoint: Path | None
     config: Path | None
     trained: bool
+    demo: bool = False  # the embedded demo voice, taken because no checkpoint or config was given
 
     def describe(self) -> str:
         """A short human description for logs."""
+        if self.demo:
+            return demo_description(self.model_id)
         if self.checkpoint is None:
-            return f"{self.model_id} (untrained default, seed {DEFAULT_SEED})"
+            return f"{self.model_id} (UNTRAINED, seed {DEFAULT_SEED}, {self.config})"
         return f"{self.model_id} ({self.checkpoint})"
 
 
@@ -74,7 +81,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Raise unless ``sd`` matches ``model`` key for key and shape for shape, all finite."""
+    """Raise unless ``sd`` matches ``model`` key for key and shape for shape, all finite.
+
+    Any floating-point storage is accepted (float16 too: loading casts it to the model's float32).
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -98,7 +108,7 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
 
 
 def default_model(cfg: ModelConfig) -> LLVC:
-    """The untrained default: the configured architecture with seeded weights."""
+    """The untrained model: the configured architecture with seeded weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(DEFAULT_SEED)
         model = LLVC(cfg)
@@ -109,22 +119,22 @@ def default_model(cfg: ModelConfig) -> LLVC:
 
 def load_model(checkpoint: str | Path | None = None, config: str | Path | None = None,
                warn=None) -> tuple[LLVC, ModelInfo]:
-    """Build the model from ``config`` (default ``config/llvc.json``) and load ``checkpoint``.
+    """The model :func:`~models.config.resolve_model_files` picks for ``checkpoint`` and ``config``.
 
-    Without a checkpoint the untrained default is returned and :data:`UNTRAINED_WARNING` is
-    passed to ``warn`` (default: printed to stderr). Raises :class:`ConfigError` or
-    :class:`CheckpointError`.
+    Neither given (``None`` or ``""``): the embedded demo voice. A checkpoint: loaded into the
+    model of ``config`` (default ``config/llvc.json``), in float32 whatever its storage. Only a
+    config: the untrained seeded model, and :data:`UNTRAINED_WARNING` is passed to ``warn``
+    (default: printed to stderr). Raises :class:`ConfigError` or :class:`CheckpointError`.
     """
-    cfg = load_config(config)
-    config_path = Path(config) if config is not None else None
-    if checkpoint is None:
+    files = resolve_model_files(checkpoint, config)
+    cfg = load_config(files.config)
+    if files.checkpoint is None:
         (warn or (lambda msg: print(msg, file=sys.stderr)))(UNTRAINED_WARNING)
         return default_model(cfg), ModelInfo(f"llvc-default-untrained-seed{DEFAULT_SEED}",
-                                             None, config_path, trained=False)
-    path = Path(checkpoint)
+                                             None, files.config, trained=False)
+    path = files.checkpoint
     sd = read_state_dict(path)
     model = LLVC(cfg)
     check_state_dict(model, sd, str(path))
-    model.load_state_dict(sd, strict=True)
-    model_id = f"llvc-{path.stem}-{file_digest(path)[:12]}"
-    return model.eval(), ModelInfo(model_id, path, config_path, trained=True)
+    model.load_state_dict(sd, strict=True)  # copies into the float32 parameters: float16 storage is cast
+    return model.eval(), ModelInfo(checkpoint_model_id(path), path, files.config, trained=True, demo=files.demo)

@@ -3,6 +3,10 @@
 Upstream's config file carries training settings too (``optim``, ``aux_mel``, ...); only
 ``model_params`` and ``data.sr`` describe the network, so only those are read and checked here.
 Every problem is reported as one :class:`ConfigError` line naming the file and the key.
+
+It also holds the one rule for which model files are loaded when a user gives a checkpoint, a
+config, both or neither (:func:`resolve_model_files`: neither is the embedded demo voice),
+torch-free so that the ONNX path resolves it without importing torch.
 """
 from __future__ import annotations
 
@@ -10,10 +14,19 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SAMPLE_RATE = 16000
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "llvc.json"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The config a checkpoint given without one is read with (upstream's architecture).
+DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "llvc.json"
+#: The embedded default model: a trained demo voice (models/MODEL_CARD.md) and its config.
+DEMO_CHECKPOINT = REPO_ROOT / "models" / "demo_voice.pth"
+DEMO_CONFIG = REPO_ROOT / "config" / "demo_voice.json"
+#: ``-p`` / ``-c`` help text: what is loaded when they are not given (see :func:`resolve_model_files`).
+CHECKPOINT_DEFAULT_HELP = ("default: the embedded demo voice, models/demo_voice.pth; "
+                           "-c without -p: an UNTRAINED seeded model of that config")
+CONFIG_DEFAULT_HELP = "default: config/demo_voice.json without -p, config/llvc.json with -p"
 
 
 class ConfigError(ValueError):
@@ -210,3 +223,52 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class ModelFiles(NamedTuple):
+    """What a checkpoint and config, as a user gave them, load (:func:`resolve_model_files`)."""
+
+    checkpoint: Path | None  # None: the UNTRAINED seeded model of ``config``
+    config: Path
+    demo: bool               # True: nothing was given, this is the embedded demo voice
+
+    @property
+    def untrained(self) -> bool:
+        """Whether this is the untrained seeded model (a config was given, no checkpoint)."""
+        return self.checkpoint is None
+
+
+def resolve_model_files(checkpoint: str | Path | None, config: str | Path | None) -> ModelFiles:
+    """The one rule for which model is loaded, for every command and service.
+
+    ``None`` and ``""`` mean "not given". Neither given: the embedded demo voice
+    (:data:`DEMO_CHECKPOINT`, :data:`DEMO_CONFIG`). A checkpoint: that checkpoint, with
+    ``config`` or else :data:`DEFAULT_CONFIG_PATH`. Only a config: the UNTRAINED seeded model
+    of that config (``checkpoint`` is ``None``; loading it warns).
+    """
+    if not checkpoint and not config:
+        return ModelFiles(DEMO_CHECKPOINT, DEMO_CONFIG, demo=True)
+    return ModelFiles(Path(checkpoint) if checkpoint else None,
+                      Path(config) if config else DEFAULT_CONFIG_PATH, demo=False)
+
+
+def checkpoint_model_id(path: str | Path) -> str:
+    """The id a model loaded from the checkpoint file ``path`` goes by: ``llvc-<stem>-<sha256[:12]>``."""
+    path = Path(path)
+    return f"llvc-{path.stem}-{file_digest(path)[:12]}"
+
+
+def demo_description(model_id: str | None = None) -> str:
+    """How the embedded demo voice is named in messages (``model_id``: computed when not given)."""
+    if model_id is None:
+        try:
+            model_id = checkpoint_model_id(DEMO_CHECKPOINT)
+        except OSError as exc:  # loading it will say so in its own line
+            model_id = f"unreadable: {exc.strerror or exc}"
+    return (f"embedded demo voice {DEMO_CHECKPOINT.relative_to(REPO_ROOT)} "
+            f"({model_id}; see models/MODEL_CARD.md)")
+
+
+def demo_model_line(prog: str, model_id: str | None = None) -> str:
+    """The one line a command prints when it used the embedded demo voice (nothing given)."""
+    return f"{prog}: model: {demo_description(model_id)}"

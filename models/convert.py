@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from common.audio import AudioError, ensure_output_dir, find_audio_files, read_audio, write_wav_atomic
+from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP, demo_description, resolve_model_files
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register ``llvc convert``'s flags on ``p``."""
     p.add_argument("-p", "--checkpoint", help="LLVC checkpoint (G_500000.pth or a bare state dict); "
-                   "default: the untrained seeded model")
-    p.add_argument("-c", "--config", help="model config JSON in upstream format (default config/llvc.json)")
+                   + CHECKPOINT_DEFAULT_HELP)
+    p.add_argument("-c", "--config", help=f"model config JSON in upstream format ({CONFIG_DEFAULT_HELP})")
     p.add_argument("-f", "--input", "--fname", dest="input", required=True,
                    help="audio file, or folder searched recursively")
     p.add_argument("-o", "--out-dir", default="converted_out", help="output folder (default converted_out)")
@@ -141,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"per-chunk processing: p50 {1000 * np.percentile(t, 50):.3f} ms, "
               f"p95 {1000 * np.percentile(t, 95):.3f} ms over {len(t)} chunks")
     if not trained:
-        print("NOTE: converted with the UNTRAINED default model (no -p given)", file=sys.stderr)
+        print("NOTE: converted with an UNTRAINED seeded model (-c without -p): the output is not a "
+              "converted voice", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -185,7 +187,11 @@ def _load(args: argparse.Namespace):
             print(f"llvc convert: {chosen.note}", file=sys.stderr)
         return loaded
     engine = chosen.engine
-    return None, engine, engine.trained, f"{engine.model_id} ({chosen.artifact})", f"ONNX Runtime (CPU), {threads} thread(s)"
+    if resolve_model_files(args.checkpoint, args.config).demo:
+        described = f"{demo_description(engine.model_id)}, artifact {chosen.artifact}"
+    else:
+        described = f"{engine.model_id} ({chosen.artifact})"
+    return None, engine, engine.trained, described, f"ONNX Runtime (CPU), {threads} thread(s)"
 
 
 def _offline(model, x: np.ndarray) -> np.ndarray:

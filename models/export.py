@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import ModelInfo, file_digest
-from .config import ARTIFACT_VERSION
+from .config import ARTIFACT_VERSION, CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP
 from .fast_step import FastStep
 from .llvc import LLVC
 
@@ -61,7 +61,7 @@ def prime_path(onnx_path: str | Path) -> Path:
 def model_hash(model: LLVC, info: ModelInfo) -> str:
     """The hash an artifact is tied to: SHA-256 of the checkpoint file, hex.
 
-    For the untrained default (no file) it is the SHA-256 over the state dict instead: for each
+    For the untrained seeded model (no file) it is the SHA-256 over the state dict instead: for each
     key in sorted order, the key's UTF-8 bytes then the tensor's float32 C-order bytes.
     """
     if info.checkpoint is not None:
@@ -198,8 +198,8 @@ def export_onnx(model: LLVC, info: ModelInfo, chunk_factor: int, out_path: str |
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register ``llvc export``'s flags on ``p``."""
     p.add_argument("-p", "--checkpoint", help="LLVC checkpoint (G_500000.pth or a bare state dict); "
-                   "default: the untrained seeded model")
-    p.add_argument("-c", "--config", help="model config JSON in upstream format (default config/llvc.json)")
+                   + CHECKPOINT_DEFAULT_HELP)
+    p.add_argument("-c", "--config", help=f"model config JSON in upstream format ({CONFIG_DEFAULT_HELP})")
     p.add_argument("-n", "--chunk-factor", type=int, default=1,
                    help="chunk = 13*16*N samples; the graph is fixed to this size (default 1: 13 ms)")
     where = p.add_mutually_exclusive_group(required=True)

@@ -102,19 +102,22 @@ class OnnxEngine(StreamGeometry):
                   chunk_factor: int, threads: int = 1) -> "OnnxEngine":
         """Load the artifact at ``path`` for the model a command or service was told to run.
 
-        ``checkpoint`` (``None``/empty: the untrained default) and ``config`` (``None``/empty:
-        config/llvc.json) are checked against the sidecar without torch: the checkpoint by its
-        file's SHA-256. Anything that differs is a stale artifact (:class:`ArtifactError`).
+        ``checkpoint`` and ``config`` as given (``None``/empty: not given) resolve as
+        :func:`models.config.resolve_model_files` says (neither: the embedded demo voice; only a
+        config: the untrained seeded model), and what they resolve to is checked against the
+        sidecar without torch: the checkpoint by its file's SHA-256. Anything that differs is a
+        stale artifact (:class:`ArtifactError`).
         """
-        from .config import file_digest, load_config
+        from .config import file_digest, load_config, resolve_model_files
 
-        expect_hash = file_digest(checkpoint) if checkpoint else None
+        files = resolve_model_files(checkpoint, config)
+        expect_hash = file_digest(files.checkpoint) if files.checkpoint else None
         engine = cls.load(path, threads=threads, expect_checkpoint_hash=expect_hash,
                           expect_chunk_factor=chunk_factor,
-                          expect_config=load_config(config or None).to_json_dict())
-        if not checkpoint and engine.meta.get("checkpoint"):
+                          expect_config=load_config(files.config).to_json_dict())
+        if files.untrained and engine.meta.get("checkpoint"):
             raise ArtifactError(f"{path}: stale artifact: made from {engine.meta['checkpoint']}, but the "
-                                "model asked for is the untrained default (no checkpoint)")
+                                "model asked for is the untrained seeded model (a config, no checkpoint)")
         return engine
 
     @property
@@ -124,7 +127,7 @@ class OnnxEngine(StreamGeometry):
 
     @property
     def trained(self) -> bool:
-        """False for an artifact of the untrained default model."""
+        """False for an artifact of the untrained seeded model."""
         return bool(self.meta.get("trained"))
 
     @property

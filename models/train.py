@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 SR = 16000
-LOG_COLUMNS = ("step", "loss", "sc", "log_mag", "lin_mag", "mel", "lr", "steps_per_s", "val_loss")
+LOG_COLUMNS = ("step", "loss", "sc", "log_mag", "lin_mag", "mel", "acf", "lr", "steps_per_s", "val_loss")
 #: Upstream's ``optim`` / ``lr_sched`` / ``grad_clip_threshold`` (used when a config lacks them).
 UPSTREAM_OPTIM = {"lr": 5e-4, "betas": [0.8, 0.999], "eps": 1e-9, "weight_decay": 0.0}
 UPSTREAM_LR_DECAY = 0.999
@@ -287,16 +287,17 @@ def train(args) -> int:
     clip = raw.get("grad_clip_threshold", UPSTREAM_GRAD_CLIP)
     seg = int(round(args.segment_seconds * SR))
 
+    device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = LLVC(cfg)
     if args.init and start is None:
         sd = read_state_dict(args.init)
         check_state_dict(model, sd, str(args.init))
         model.load_state_dict(sd)
-    model.train()
+    model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr0, betas=tuple(optim["betas"]),
                             eps=float(optim["eps"]), weight_decay=float(optim["weight_decay"]))
-    crit = SpectralLoss.from_config(raw, SR, args.mel_weight)
+    crit = SpectralLoss.from_config(raw, SR, args.mel_weight, args.acf_weight).to(device)
     rng = np.random.default_rng(args.seed)
     best = math.inf
     if start is not None:
@@ -313,14 +314,18 @@ def train(args) -> int:
         write_text(out / "config.json", json.dumps(raw, indent=2) + "\n")
 
     n_val = int(round(args.val_seconds * SR))
-    val = [tuple(torch.from_numpy(a).view(1, 1, -1) for a in read_pair(p, 0, min(p.frames, n_val)))
+    val = [tuple(torch.from_numpy(a).view(1, 1, -1).to(device) for a in read_pair(p, 0, min(p.frames, n_val)))
            for p in val_pairs[: args.val_clips]]
     print(f"llvc train: {len(train_pairs)} train / {len(val_pairs)} val pairs from {data}; "
           f"config {config_path}; {sum(p.numel() for p in model.parameters()):,} parameters; "
           f"{'resuming at step ' + str(start) if start else 'from scratch'}; out {out}", file=sys.stderr)
 
+    def weights() -> dict:
+        # Always CPU tensors, so a checkpoint trained on CUDA loads anywhere as it is.
+        return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
     def checkpoint(step: int) -> None:
-        save_torch({"model": model.state_dict()}, out / f"G_{step}.pth")
+        save_torch(weights(), out / f"G_{step}.pth")
         save_torch({"optimizer": opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
                     "numpy_rng": json.dumps(rng.bit_generator.state), "best_val": best}, out / f"state_{step}.pth")
         for old in out.glob("state_*.pth"):
@@ -334,7 +339,7 @@ def train(args) -> int:
         lr = lr0 * decay ** ((step - 1) // args.decay_every)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = (torch.from_numpy(a) for a in sample_batch(train_pairs, rng, args.batch_size, seg))
+        x, y = (torch.from_numpy(a).to(device) for a in sample_batch(train_pairs, rng, args.batch_size, seg))
         loss, parts = crit(model(x), y)
         if not torch.isfinite(loss):
             progress.close()
@@ -356,7 +361,7 @@ def train(args) -> int:
             extra = f" val {v:.4f}"
             if v < best:
                 best = v
-                save_torch({"model": model.state_dict()}, out / "best.pth")
+                save_torch(weights(), out / "best.pth")
                 extra += " (best)"
         progress.update(step, dt, loss_v, extra)
         if step % args.ckpt_every == 0 or step == args.steps:
@@ -374,6 +379,37 @@ def train(args) -> int:
     return 0
 
 
+def save_float16(checkpoint: str | Path, config: str | Path, out: str | Path, probe: np.ndarray,
+                 tol: float = 1e-3) -> float:
+    """Write ``checkpoint``'s weights to ``out`` stored as float16 (half the size), after checking
+    that the model they give, run in float32 as every loader does, stays within ``tol`` (max
+    abs) of the float32 original on the audio ``probe``. Returns that difference; raises
+    :class:`TrainError` (writing nothing) when it is larger.
+    """
+    import torch
+
+    from .checkpoint import check_state_dict, read_state_dict
+    from .config import load_config
+    from .llvc import LLVC
+
+    cfg = load_config(config)
+    sd = read_state_dict(checkpoint)
+    half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in sd.items()}
+    x = torch.from_numpy(np.ascontiguousarray(probe, dtype=np.float32)).view(1, 1, -1)
+    outputs = []
+    for weights in (sd, half):
+        model = LLVC(cfg)
+        check_state_dict(model, weights, str(checkpoint))
+        model.load_state_dict(weights)  # copies (casts) into the float32 parameters
+        with torch.inference_mode():
+            outputs.append(model.eval()(x))
+    diff = float((outputs[0] - outputs[1]).abs().max())
+    if not diff <= tol:
+        raise TrainError(f"{checkpoint}: float16 storage moves the output by {diff:.2g} (> {tol:g}); kept float32")
+    save_torch({"model": half}, Path(out))
+    return diff
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register ``llvc train``'s flags on ``p``."""
     p.add_argument("--data", required=True, help="dataset DIR with train/ and val/ (PREFIX_original.wav + "
@@ -388,6 +424,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decay-every", type=int, default=100,
                    help="multiply the lr by the config's lr_sched.lr_decay (0.999) every N steps (default 100)")
     p.add_argument("--mel-weight", type=float, default=1.0, help="weight of the mel L1 term (default 1)")
+    p.add_argument("--acf-weight", type=float, default=0.0,
+                   help="weight of the periodicity (autocorrelation) term that steers the pitch (default 0)")
     p.add_argument("--seed", type=int, default=1234, help="seed for weights, dropout and sampling (default 1234)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--init", help="start from these weights (a checkpoint of the same config) instead of random")
@@ -396,6 +434,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-seconds", type=float, default=4.0, help="first seconds of each val clip (default 4)")
     p.add_argument("--ckpt-every", type=int, default=500, help="write G_<step>.pth every N steps (default 500)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 2)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu; --resume is "
+                   "bit-exact on the CPU only)")
 
 
 def run(args: argparse.Namespace) -> int:

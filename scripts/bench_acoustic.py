@@ -6,7 +6,7 @@ plays into ``llvc_out``, records both monitors and cross-correlates (``tests/aco
 
 Per chunk factor, two runs: the passthrough model, whose output is its input, so the bursts can
 be found again: acoustic p50/p95 over the bursts beside the monitor's e2e p50 for the same
-chunks; then the LLVC model (the untrained default unless ``-p`` is given after ``--``; backend
+chunks; then the LLVC model (the embedded demo voice unless ``-p``/``-c`` follow ``--``; backend
 auto), whose output is not its input (nothing to correlate), with the monitor's figures, which
 the first run shows to be the acoustic truth, and its underruns.
 

@@ -7,10 +7,11 @@
     .venv/bin/python scripts/bench_reliability.py all --json out/reliability.json
 
 Everything runs through ``llvc run`` (real supervisord, real services) with the default model
-at chunk factor 1 (the untrained default has the real model's size, so timings are real), a
-tone source and the null sink, observed from the telemetry bus (tests/harness.py). Not part of
-the test suite: the tests in tests/test_faults.py assert the behaviour with wide margins; this
-measures it. Two-host faults (loss, link down, delay) are in scripts/bench_lan.py.
+(the embedded demo voice; its enc_dim/dec_dim are half of upstream's, so its steps are cheaper
+than upstream's model's) at chunk factor 1, a tone source and the null sink, observed from the
+telemetry bus (tests/harness.py). Not part of the test suite: the tests in tests/test_faults.py
+assert the behaviour with wide margins; this measures it. Two-host faults (loss, link down,
+delay) are in scripts/bench_lan.py.
 """
 from __future__ import annotations
 

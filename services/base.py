@@ -141,11 +141,11 @@ class ChunkGeometry:
 
 def chunk_geometry(cfg: PipelineConfig) -> ChunkGeometry:
     """The chunk geometry for this pipeline config's ``[model]`` table."""
-    from models.config import ConfigError, load_config
+    from models.config import ConfigError, load_config, resolve_model_files
 
     m = model_settings(cfg)
     try:
-        mc = load_config(m.config or None)
+        mc = load_config(resolve_model_files(m.checkpoint, m.config).config)
     except ConfigError as exc:
         raise PipelineConfigError(f"{cfg.source}: model.config: {exc}") from None
     return ChunkGeometry(mc.window_samples * m.chunk_factor, mc.L if mc.lookahead else 0, mc.sample_rate)

@@ -53,6 +53,7 @@ import numpy as np
 
 from common.protocol import MAX_NAME_LEN, MAX_STAGES, AudioChunk, ProtocolError, StageRecord
 from models.backends import BACKENDS, resolve_backend
+from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP
 
 from .base import (MODEL_SCHEMA, Service, Setting, add_service_arguments, non_negative, one_of,
                    parse_settings, positive, service_main)
@@ -103,8 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """``llvc inference``'s flags: the pipeline config, plus shortcuts for its settings."""
     add_service_arguments(p)
     g = p.add_argument_group("model and inference settings (override [model] / [inference])")
-    g.add_argument("-p", "--checkpoint", help="LLVC checkpoint (model.checkpoint; default: untrained model)")
-    g.add_argument("-c", "--config", help="model config JSON (model.config; default config/llvc.json)")
+    g.add_argument("-p", "--checkpoint", help=f"LLVC checkpoint (model.checkpoint; {CHECKPOINT_DEFAULT_HELP})")
+    g.add_argument("-c", "--config", help=f"model config JSON (model.config; {CONFIG_DEFAULT_HELP})")
     g.add_argument("-n", "--chunk-factor", type=int, help="chunk = 13*16*N samples (model.chunk_factor)")
     g.add_argument("--model-kind", help="llvc or passthrough (model.kind)")
     g.add_argument("--device", help="cpu, cuda or auto (inference.device)")
@@ -218,11 +219,12 @@ class InferenceService(Service):
                  latency_ms=1000 * self.engine.latency_s, load_s=load_s, warm_step_ms=1000 * step_s)
 
     def _load_passthrough(self, m):
-        from models.config import load_config
+        from models.config import load_config, resolve_model_files
         from models.passthrough import PassthroughEngine
 
         self.model_id, self.trained = "passthrough", True
-        return PassthroughEngine.from_config(load_config(m.config or None), m.chunk_factor)
+        cfg = load_config(resolve_model_files(m.checkpoint, m.config).config)  # the LLVC model's chunking
+        return PassthroughEngine.from_config(cfg, m.chunk_factor)
 
     def _use_onnx(self, engine):
         """Take the ONNX Runtime engine :func:`resolve_backend` loaded (numpy + ORT only)."""

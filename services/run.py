@@ -27,6 +27,7 @@ import xmlrpc.client
 from pathlib import Path
 
 from common.config import PipelineConfigError, add_config_arguments
+from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP
 
 REPO = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = REPO / "supervisord.conf"
@@ -44,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", help="file:PATH | device:NAME | null (playback.sink)")
     p.add_argument("--record", metavar="PATH", help="also write what is played to this WAV, beside any sink "
                    "(playback.record)")
-    p.add_argument("-p", "--checkpoint", help="LLVC checkpoint (model.checkpoint); default: untrained model")
-    p.add_argument("-c", "--config", dest="model_config", help="model config JSON (model.config)")
+    p.add_argument("-p", "--checkpoint", help=f"LLVC checkpoint (model.checkpoint); {CHECKPOINT_DEFAULT_HELP}")
+    p.add_argument("-c", "--config", dest="model_config",
+                   help=f"model config JSON (model.config); {CONFIG_DEFAULT_HELP}")
     p.add_argument("-n", "--chunk-factor", type=int, help="chunk = 13*16*N samples (model.chunk_factor)")
     p.add_argument("--passthrough", action="store_true", help="identity model with the same chunking (model.kind)")
     p.add_argument("--report", help="write the final JSON report here")
@@ -141,6 +143,22 @@ def prepare_artifact(cfg, services: list[str]) -> None:
         why = " ".join(str(exc).split())[:300] or type(exc).__name__
         print(f"llvc run: warning: could not export the ONNX step ({why}); inference falls back to eager PyTorch",
               file=sys.stderr, flush=True)
+
+
+def say_default_model(cfg, services: list[str]) -> None:
+    """One line naming the embedded demo voice when inference runs here on it (no checkpoint or
+    config given); bad settings are left for the service to report."""
+    from models.config import demo_model_line, resolve_model_files
+    from services.base import model_settings
+
+    if "inference" not in services:
+        return
+    try:
+        m = model_settings(cfg)
+    except PipelineConfigError:
+        return
+    if m.kind == "llvc" and resolve_model_files(m.checkpoint, m.config).demo:
+        print(demo_model_line("llvc run"), flush=True)
 
 
 def _die_with_parent() -> None:
@@ -291,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
     except (PipelineConfigError, SecurityError) as exc:
         return fail(str(exc))
     print(f"llvc run: run folder {run_dir} (logs), services: {', '.join(services)}", flush=True)
+    say_default_model(cfg, services)
     prepare_artifact(cfg, services)
     if stop["signal"] is not None:  # interrupted while exporting: nothing was started yet
         return 130 if stop["signal"] == signal.SIGINT else 143
@@ -360,8 +379,8 @@ def run(args: argparse.Namespace) -> int:
         text = json.dumps(report, indent=2)
         print(text)
         if (report.get("model") or {}).get("untrained"):
-            print("llvc run: NOTE: this ran the UNTRAINED default model (no -p given): the output is not "
-                  "a converted voice; see README 'Models'", file=sys.stderr)
+            print("llvc run: NOTE: this ran an UNTRAINED seeded model (a model config without a checkpoint): "
+                  "the output is not a converted voice; see README 'Models'", file=sys.stderr)
         if args.report:
             out = Path(args.report)
             out.parent.mkdir(parents=True, exist_ok=True)

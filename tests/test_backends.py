@@ -7,6 +7,7 @@ override both where they test them.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from common.bus import Bus  # noqa: E402
 from common.cli import main as llvc_main  # noqa: E402
 from models import backends  # noqa: E402
 from models.backends import CACHE_ENV, NO_EXPORT_ENV, cached_artifact_path, ensure_artifact, resolve_backend  # noqa: E402
+from models.config import demo_model_line  # noqa: E402
 from test_broken_config import private_sets  # noqa: E402
 from test_inference_service import (REF, Harness, config, llvc_inference, overrides,  # noqa: E402
                                     serve_two_chunks, stream_chunks)
@@ -197,7 +199,12 @@ def test_llvc_run_exports_once_into_the_cache_and_inference_runs_onnx(tmp_path, 
     path = cached_artifact_path(None, None, 1)
     assert path.is_file()
     lines = [ln for ln in proc.stdout.splitlines() if "exporting the ONNX step" in ln]
-    assert lines == [f"llvc run: exporting the ONNX step for the untrained default model cf 1 into {path} "
-                     "(once; ~10 s)"], proc.stdout[-2000:]
+    assert lines == [f"llvc run: exporting the ONNX step for the embedded demo voice (models/demo_voice.pth) "
+                     f"cf 1 into {path} (once; ~10 s)"], proc.stdout[-2000:]
+    assert path.name.startswith("demo_voice-cf1-")
+    assert demo_model_line("llvc run") in proc.stdout.splitlines()
     ready = [ln for ln in (run_dir / "inference.log").read_text().splitlines() if " INFO ready " in ln]
     assert ready and all(" backend=onnx " in ln for ln in ready), ready
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["model"]["untrained"] is False and report["model"]["id"].startswith("llvc-demo_voice-")
+    assert "UNTRAINED" not in proc.stderr

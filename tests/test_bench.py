@@ -12,6 +12,7 @@ import pytest
 from common.cli import main
 from models import bench
 from models.bench import BACKENDS, TOLERANCE, choose_backend, run_bench
+from models.config import demo_model_line
 from models.llvc import GroupedPointwise
 from models.streaming import StreamingEngine
 
@@ -96,7 +97,8 @@ def test_command_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--backend", "reference", "eager", "--warmup", "2",
                  "--json", str(out)]) == 0
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
     header = stdout.splitlines()[0].split()
     assert header[:3] == ["cf", "thr", "backend"] and "median" in header
     assert "fastest valid backend:" in stdout
@@ -104,6 +106,9 @@ def test_command_prints_a_table_and_writes_json(tmp_path, capsys):
     assert [s["chunk_factor"] for s in data["settings"]] == [1]
     assert set(data["settings"][0]["backends"]) == {"reference", "eager"}
     assert data["clip"]["seconds"] == pytest.approx(bench.QUICK_SECONDS)
+    # No -p/-c: the embedded demo voice, named in one line.
+    assert data["model"]["trained"] and demo_model_line("llvc bench", data["model"]["id"]) in captured.err.splitlines()
+    assert "UNTRAINED" not in captured.err
 
 
 def test_unknown_backend_is_one_line_and_exit_2(capsys):

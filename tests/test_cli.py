@@ -29,6 +29,7 @@ CKPT_NC = REF / "ref_nc.pth"
 CFG_NC = REF / "config_nc.json"
 INPUT = REF / "ref_default_input.wav"
 INPUT_NC = REF / "ref_nc_input.wav"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "llvc.json"
 SR = 16000
 WINDOW = 208  # dec_chunk_size * L = 13 * 16: one decoder window, the shortest input
 
@@ -392,14 +393,14 @@ def test_bare_state_dict_is_accepted(tmp_path, clip):
     np.testing.assert_array_equal(a, b)
 
 
-# ----------------------------------------------------------------------- 6: untrained default
+# ------------------------------------------------- 6: untrained seeded model (a config, no -p)
 
 
-def test_untrained_default_model(tmp_path, clip):
+def test_untrained_model_of_a_config(tmp_path, clip):
     outs = []
     for name in ("run1", "run2"):
-        proc = convert_ok(tmp_path, "-f", clip, "-o", tmp_path / name)
-        assert "UNTRAINED" in proc.stderr
+        proc = convert_ok(tmp_path, "-c", DEFAULT_CONFIG, "-f", clip, "-o", tmp_path / name)
+        assert "UNTRAINED" in proc.stderr and "model: llvc-default-untrained-seed0 (UNTRAINED" in proc.stdout
         assert "error" not in proc.stderr
         outs.append(read_out(tmp_path / name / "clip.wav"))
     a, b = outs

@@ -25,6 +25,7 @@ import zmq
 from bus_helpers import endpoint_overrides, make_config, stop_process, wait_until
 from common.bus import Bus
 from common.protocol import AudioChunk, encode
+from models.config import DEFAULT_CONFIG_PATH
 from models.passthrough import PassthroughEngine
 from models.streaming import StreamingEngine
 from services.inference import InferenceService
@@ -464,7 +465,7 @@ def serve_two_chunks(proc, ov: list[str], inspect=None) -> tuple[list[AudioChunk
 
 
 def test_command_converts_warns_when_untrained_and_stops_promptly_on_sigterm():
-    ov = overrides()
+    ov = [*overrides(), f"model.config={DEFAULT_CONFIG_PATH}"]  # a config and no checkpoint: untrained
     proc = llvc_inference(ov, "-n", "1", "--threads", "1")
     got, err, elapsed = serve_two_chunks(proc, ov)
     assert got[0].stages[-1].model == "llvc-default-untrained-seed0"

@@ -118,11 +118,14 @@ def test_default_model_is_seeded_and_not_saturated():
     assert DEFAULT_OUT_SCALE < 1
 
 
-def test_untrained_default_warns_loudly():
+def test_a_config_without_checkpoint_is_the_untrained_model_and_warns_loudly():
     messages = []
-    _, info = load_model(None, None, warn=messages.append)
-    assert not info.trained and "untrained" in info.model_id
+    model, info = load_model(None, DEFAULT_CONFIG_PATH, warn=messages.append)
+    assert not info.trained and not info.demo and "untrained" in info.model_id
     assert len(messages) == 1 and "UNTRAINED" in messages[0]
+    assert "UNTRAINED" in info.describe()
+    reference = default_model(load_config(DEFAULT_CONFIG_PATH))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
 
 
 @pytest.mark.parametrize("change, fragment", [

@@ -188,3 +188,50 @@ def test_mel_filterbank_and_loss_basics():
     assert float(total) < 1e-3
     total2, _ = crit(0.5 * x, x)
     assert float(total2) > 0.1
+
+
+def _harmonic(f0: float, n: int = 16000) -> torch.Tensor:
+    t = np.arange(n) / SR
+    x = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 30) if f0 * k < 7000)
+    return torch.from_numpy((0.1 * x).astype(np.float32)).view(1, 1, -1)
+
+
+def test_periodicity_term_points_at_the_target_pitch():
+    """The autocorrelation term is zero for the target itself, small for a 2% pitch error and
+    large for the source's pitch (100 vs 230 Hz); off by default, so it never changes the total."""
+    crit = SpectralLoss(SR, acf_weight=1.0)
+    target = _harmonic(230)
+    acf = {f0: float(crit(_harmonic(f0), target)[1]["acf"]) for f0 in (230, 235, 100)}
+    assert acf[230] < 1e-6 and acf[235] < 0.5 * acf[100] and acf[100] > 0.2, acf
+    plain, weighted = SpectralLoss(SR), SpectralLoss(SR, acf_weight=10.0)
+    t0, p0 = plain(_harmonic(100), target)
+    t1, p1 = weighted(_harmonic(100), target)
+    assert float(p0["acf"]) == 0.0 and abs(float(t1 - t0) - 10.0 * float(p1["acf"])) < 1e-4
+
+
+def test_acf_weight_flag_reaches_the_loss(dataset, tiny_config, tmp_path):
+    out = tmp_path / "acf"
+    assert train_mod.run(train_args(dataset, out, tiny_config, 2, acf_weight=5)) == 0
+    rows = log_rows(out)
+    assert all(float(r["acf"]) > 0 for r in rows)
+
+
+def test_float16_storage_is_checked_against_float32(run30, tiny_config, tmp_path, capsys):
+    probe = _source(np.random.default_rng(5), 6000)
+    out = tmp_path / "voice.pth"
+    diff = train_mod.save_float16(run30 / "best.pth", tiny_config, out, probe)
+    assert 0 < diff <= 1e-3
+    sd = torch.load(out, weights_only=True)["model"]
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+    model, info = load_model(out, tiny_config)
+    assert info.trained and {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.inference_mode():
+        y = model(torch.from_numpy(probe).view(1, 1, -1)).view(-1).numpy()
+    ref_model, _ = load_model(run30 / "best.pth", tiny_config)
+    with torch.inference_mode():
+        ref = ref_model(torch.from_numpy(probe).view(1, 1, -1)).view(-1).numpy()
+    assert abs(float(np.abs(y - ref).max()) - diff) < 1e-7
+    refused = tmp_path / "refused.pth"
+    with pytest.raises(train_mod.TrainError, match="float16 storage moves the output"):
+        train_mod.save_float16(run30 / "best.pth", tiny_config, refused, probe, tol=diff / 2)
+    assert not refused.exists() and not list(tmp_path.glob(".refused*"))
