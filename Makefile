@@ -1,4 +1,4 @@
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 DEMO_CLIP := tests/data/174-50561-0000.wav
 
@@ -16,10 +16,15 @@ demo: setup
 test: setup
 	.venv/bin/python -m pytest -q
 
+# ruff, configured in pyproject.toml (.ci/run runs it before the tests).
+lint: setup
+	.venv/bin/ruff check .
+
 # Speed and latency live here, not in tests: prints tables.
 bench: setup
 	mkdir -p out/bench
-	.venv/bin/llvc bench --cold-start --json out/bench/step.json --plot out/bench/step.png
+	.venv/bin/llvc bench --json out/bench/step.json --plot out/bench/step.png
+	.venv/bin/python scripts/bench_cold_start.py
 	.venv/bin/python scripts/bench_protocol.py
 	.venv/bin/python scripts/bench_pipeline.py
 	.venv/bin/python scripts/bench_quality.py --json out/bench/quality.json

@@ -12,8 +12,8 @@ import secrets
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
-import soxr
+
+from .files import atomic_path
 
 __all__ = [
     "SAMPLE_RATE",
@@ -25,7 +25,8 @@ __all__ = [
     "find_audio_files",
 ]
 
-#: The sample rate of the LLVC model, and the default of every function here.
+#: The pipeline's audio rate: the LLVC model's, the wire's model input and every function's
+#: default here. Declared once, here; everything else imports it.
 SAMPLE_RATE = 16000
 
 #: Lower-case file extensions (with the dot) that soundfile can read and that
@@ -87,6 +88,9 @@ def read_audio(path: str | os.PathLike, target_sr: int = SAMPLE_RATE, min_sample
         AudioError: the file is missing, a folder, unreadable, empty, holds NaN or Inf, or is
             shorter than ``min_samples``.
     """
+    import soundfile as sf  # here, not at import: SAMPLE_RATE's readers need neither library
+    import soxr
+
     if target_sr <= 0:
         raise ValueError(f"target_sr must be positive, got {target_sr}")
     p = Path(path)
@@ -127,10 +131,8 @@ def read_audio(path: str | os.PathLike, target_sr: int = SAMPLE_RATE, min_sample
 def write_wav_atomic(path: str | os.PathLike, samples: np.ndarray, sr: int = SAMPLE_RATE) -> None:
     """Write mono samples as a 32-bit float WAV file, atomically.
 
-    The samples go to a hidden temporary file (``.<name>.<random>.tmp``) in the target's folder,
-    which is flushed to disk and then renamed onto ``path`` with :func:`os.replace`. Readers
-    therefore see either the old file or the complete new one, never a partial file; on any
-    failure the temporary file is removed and the target is left untouched.
+    Through :func:`common.files.atomic_path`: readers see either the old file or the complete
+    new one, never a partial file; on any failure the target is left untouched.
 
     Args:
         path: the target file; its folder must exist (see :func:`ensure_output_dir`).
@@ -154,37 +156,13 @@ def write_wav_atomic(path: str | os.PathLike, samples: np.ndarray, sr: int = SAM
     if sr <= 0:
         raise _error(target, f"cannot write (invalid sample rate {sr})")
 
-    tmp: Path | None = None
+    import soundfile as sf
+
     try:
-        # O_EXCL: never clobber another writer's temporary file; mode 0o666 minus umask, like
-        # any new file (mkstemp would leave the target at 0o600).
-        while True:
-            name = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-            try:
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                continue
-            tmp = name
-            break
-        try:
-            with sf.SoundFile(
-                fd, "w", samplerate=sr, channels=1, subtype="FLOAT", format="WAV", closefd=False
-            ) as f:
-                f.write(x)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-        tmp = None
-    except BaseException as exc:
-        if tmp is not None:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass  # the original error is the one worth reporting
-        if isinstance(exc, Exception):
-            raise _error(target, f"cannot write ({_reason(exc)})") from exc
-        raise
+        with atomic_path(target) as tmp:
+            sf.write(tmp, x, sr, subtype="FLOAT", format="WAV")
+    except Exception as exc:  # noqa: BLE001 - one line, whatever failed (atomic_path cleaned up)
+        raise _error(target, f"cannot write ({_reason(exc)})") from exc
 
 
 def ensure_output_dir(path: str | os.PathLike) -> Path:

@@ -28,12 +28,17 @@ Security: with ``[security] curve = true`` every ``tcp://`` socket uses CURVE (s
 """
 from __future__ import annotations
 
+import os
+import socket
+
 import zmq
 
+from .audio import SAMPLE_RATE
 from .config import Endpoint, PipelineConfig
-from .protocol import (SAMPLE_RATE, AudioChunk, ProtocolError, Telemetry, audio_header, decode_audio,
-                       decode_telemetry, encode, make_telemetry, max_message_bytes)
+from .protocol import AudioChunk, ProtocolError, Telemetry, decode_audio, decode_telemetry, encode, max_message_bytes
 from .security import CurveKeys, load_keys, make_client, make_server, start_authenticator
+from .telemetry import Record, make_message
+from .telemetry import decode as decode_record
 
 
 class BusError(RuntimeError):
@@ -140,13 +145,14 @@ class TelemetryPublisher:
         self.service = service
         self.published = 0
         self.dropped = 0
+        self._host, self._pid = socket.gethostname(), os.getpid()
 
-    def publish(self, type: str, data: dict | None = None) -> bool:
-        """Publish a message of ``type`` with ``data``; ``False`` if it could not go out."""
-        return self.publish_message(make_telemetry(self.service, type, data or {}))
+    def publish(self, record: Record) -> bool:
+        """Publish a :mod:`common.telemetry` record; ``False`` if it could not go out."""
+        return self.publish_message(make_message(self.service, record, self._host, self._pid))
 
     def publish_message(self, msg: Telemetry) -> bool:
-        """Publish a ready-made :class:`Telemetry` under its topic."""
+        """Publish a ready-made :class:`Telemetry` envelope under its topic."""
         try:
             self.socket.send_multipart([msg.topic.encode(), encode(msg)], zmq.NOBLOCK)
         except (zmq.ZMQError, ProtocolError):
@@ -155,40 +161,21 @@ class TelemetryPublisher:
         self.published += 1
         return True
 
-    def heartbeat(self, **data) -> bool:
-        """``heartbeat.<service>``: the service is alive (with any status fields)."""
-        return self.publish("heartbeat", data)
-
-    def event(self, name: str, **fields) -> bool:
-        """``event.<service>``: something happened (stream reset, underrun, drop, reject, ...)."""
-        return self.publish("event", {"event": name, **fields})
-
-    def counters(self, **counts) -> bool:
-        """``counters.<service>``: cumulative counters."""
-        return self.publish("counters", counts)
-
-    def chunk_timing(self, **timing) -> bool:
-        """``chunk.<service>``: per-chunk timing."""
-        return self.publish("chunk", timing)
-
-    def audio_tap(self, chunk: AudioChunk) -> bool:
-        """``audio.<service>``: an audio chunk's header (no payload), for taps and dashboards."""
-        return self.publish("audio", audio_header(chunk))
-
 
 class TelemetrySubscriber(_Receiver):
-    """SUB connected to telemetry endpoints, filtered by topic prefixes."""
+    """SUB connected to telemetry endpoints, filtered by topic prefixes; yields typed records."""
 
-    def _decode(self, frames: list[bytes]) -> Telemetry:
+    def _decode(self, frames: list[bytes]) -> Record:
         if len(frames) != 2:
             raise ProtocolError(f"telemetry: expected 2 frames (topic, message), got {len(frames)}")
         msg = decode_telemetry(frames[1], max_samples=self.max_samples)
         if frames[0] != msg.topic.encode():
             raise ProtocolError(f"telemetry: topic frame {frames[0][:64]!r} does not match {msg.topic!r}")
-        return msg
+        return decode_record(msg)
 
-    def recv(self, timeout_ms: int = 0) -> Telemetry | None:
-        """The next valid message within ``timeout_ms``, else ``None`` (rejects are counted)."""
+    def recv(self, timeout_ms: int = 0) -> Record | None:
+        """The next valid record (:mod:`common.telemetry`) within ``timeout_ms``, else ``None``
+        (malformed messages and records are counted as rejected)."""
         frames = self._frames(timeout_ms)
         return None if frames is None else self._accept(self._decode, frames)
 
@@ -292,7 +279,7 @@ class Bus:
         if self._own_context:
             self.context.term()
 
-    def __enter__(self) -> "Bus":
+    def __enter__(self) -> Bus:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
+
+from .settings import Check, SettingsError, describe_value, kind_of, parse_table, positive, setting
 
 __all__ = [
     "DEFAULT_PIPELINE_CONFIG",
@@ -122,28 +124,53 @@ class Endpoint:
         return self.connect.startswith("tcp://")
 
 
+def _c_int(low: int, why_low: str = "") -> Check:
+    """Check for ZeroMQ's C-int options: at least ``low`` and at most a C int."""
+    def check(v: int) -> str | None:
+        if v > _C_INT_MAX:
+            return f"must be at most {_C_INT_MAX} (ZeroMQ takes a C int)"
+        if v == -1 and low == 0:
+            return "must be 0 or positive (-1 waits forever: it would block shutdown)"
+        if v < low:
+            return ("must be 0 or positive" if low == 0 else "must be positive") + why_low
+        return None
+    return check
+
+
+_HWM = _c_int(1, " (0 is unlimited in ZeroMQ: a stalled peer would cost memory and latency)")
+
+
 @dataclass(frozen=True)
 class BusOptions:
-    """``[bus]``: socket options for every socket. The defaults are those of the default file."""
+    """``[bus]``: socket options for every socket (``config/pipeline.toml`` documents each)."""
 
-    send_hwm: int = 8
-    recv_hwm: int = 8
-    linger_ms: int = 0
-    heartbeat_ivl_ms: int = 1000
-    heartbeat_timeout_ms: int = 3000
-    reconnect_ivl_ms: int = 100
-    reconnect_ivl_max_ms: int = 250
-    max_samples: int = 16000
-    telemetry_hwm: int = 1000
-    heartbeat_interval_s: float = 0.25
+    send_hwm: int = setting(8, _HWM)
+    recv_hwm: int = setting(8, _HWM)
+    linger_ms: int = setting(0, _c_int(0))
+    heartbeat_ivl_ms: int = setting(1000, _c_int(1))
+    heartbeat_timeout_ms: int = setting(3000, _c_int(1))
+    reconnect_ivl_ms: int = setting(100, _c_int(1))
+    reconnect_ivl_max_ms: int = setting(250, _c_int(1))
+    max_samples: int = setting(16000, _c_int(1))
+    telemetry_hwm: int = setting(1000, _HWM)
+    heartbeat_interval_s: float = setting(0.25, positive)
+
+    def problems(self):
+        """Checks across keys."""
+        if self.heartbeat_timeout_ms < self.heartbeat_ivl_ms:
+            yield ("heartbeat_timeout_ms", f"{self.heartbeat_timeout_ms} is below heartbeat_ivl_ms "
+                   f"{self.heartbeat_ivl_ms} (a live peer would time out between two heartbeats)")
+        if self.reconnect_ivl_max_ms < self.reconnect_ivl_ms:
+            yield ("reconnect_ivl_max_ms", f"{self.reconnect_ivl_max_ms} is below reconnect_ivl_ms "
+                   f"{self.reconnect_ivl_ms} (the back-off cap cannot be shorter than the first interval)")
 
 
 @dataclass(frozen=True)
 class SecurityOptions:
-    """``[security]``: CURVE on every ``tcp://`` link when ``curve``; ``keys_dir`` is absolute."""
+    """``[security]``: CURVE on every ``tcp://`` link when ``curve``; ``keys_dir`` is made absolute."""
 
-    curve: bool = False
-    keys_dir: Path = Path("keys")
+    curve: bool = setting(False)
+    keys_dir: Path = setting(Path("keys"))
 
 
 @dataclass(frozen=True)
@@ -161,6 +188,25 @@ class PipelineConfig:
     security: SecurityOptions
     services: dict[str, dict]
     source: str
+    sources: _Sources | None = field(default=None, compare=False, repr=False)
+
+    def origin(self, *path: str) -> str:
+        """Which layer set the key at ``path`` (the file, ``env NAME`` or ``--set key``)."""
+        return self.sources.of(tuple(path)) if self.sources is not None else self.source
+
+    def settings(self, table: str, cls: type, overrides: Mapping[str, Any] | None = None) -> Any:
+        """The ``[table]`` settings as an instance of the settings class ``cls``.
+
+        ``overrides`` are values from a command's own flags (``None``: not given), which win
+        over every layer. Any mistake is one :class:`PipelineConfigError` line naming the key
+        and where its value came from ("command line" for a flag).
+        """
+        flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+        try:
+            return parse_table(cls, {**self.services.get(table, {}), **flags})
+        except SettingsError as exc:
+            where = "command line" if exc.key in flags else self.origin(table, exc.key)
+            raise PipelineConfigError(_one_line(f"{where}: {table}.{exc.key}: {exc.why}")) from None
 
     def endpoint(self, name: str) -> Endpoint:
         """The endpoint called ``name``; :class:`PipelineConfigError` if there is none."""
@@ -243,7 +289,7 @@ def _apply(raw: dict, sources: _Sources, path: tuple[str, ...], value: Any, sour
             sources.record(path[:n], source)
         elif not isinstance(table[key], dict):
             raise PipelineConfigError(_one_line(
-                f"{source}: {_dotted(path)}: {_dotted(path[:n])} is {_kind(table[key])}, "
+                f"{source}: {_dotted(path)}: {_dotted(path[:n])} is {kind_of(table[key])}, "
                 f"not a table, so it has no key {path[n]!r}"
             ))
         table = table[key]
@@ -299,27 +345,9 @@ def _cli_overrides(overrides: Sequence[str]) -> list[tuple[tuple[str, ...], Any,
 # ---------------------------------------------------------------------------------- validation
 
 
-def _kind(v: Any) -> str:
-    """How a TOML value is described in messages."""
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, int):
-        return "an integer"
-    if isinstance(v, float):
-        return "a float"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, dict):
-        return "a table"
-    if isinstance(v, list):
-        return "an array"
-    return "a date/time"
-
-
 def _got(v: Any) -> str:
     """``"got <kind> <value>"`` with the value spelled as in TOML (true, not True)."""
-    shown = ("true" if v else "false") if isinstance(v, bool) else repr(v)
-    return f"got {_kind(v)} {shown}"
+    return f"got {describe_value(v)}"
 
 
 def _check_keys(table: dict, known: Sequence[str], where: tuple[str, ...], sources: _Sources) -> None:
@@ -331,7 +359,7 @@ def _check_keys(table: dict, known: Sequence[str], where: tuple[str, ...], sourc
 def _table(raw: dict, name: str, sources: _Sources) -> dict:
     value = raw.get(name, {})
     if not isinstance(value, dict):
-        raise sources.error((name,), f"must be a table, got {_kind(value)}")
+        raise sources.error((name,), f"must be a table, got {kind_of(value)}")
     return value
 
 
@@ -400,7 +428,7 @@ def _parse_endpoint(name: str, raw: Any, sources: _Sources) -> Endpoint:
                                    "(environment overrides lower-case names and split them on '__')")
     if not isinstance(raw, dict):
         raise sources.error(where, f"must be a table like {{ connect = \"...\", binder = \"...\" }}, "
-                                   f"got {_kind(raw)}")
+                                   f"got {kind_of(raw)}")
     _check_keys(raw, _ENDPOINT_KEYS, where, sources)
     for key in ("connect", "binder"):
         if key not in raw:
@@ -485,59 +513,11 @@ def _parse_endpoints(raw: dict, sources: _Sources) -> dict[str, Endpoint]:
     return endpoints
 
 
-def _parse_bus(raw: dict, sources: _Sources) -> BusOptions:
-    table = _table(raw, "bus", sources)
-    names = [f.name for f in fields(BusOptions)]
-    _check_keys(table, names, ("bus",), sources)
-    values: dict[str, Any] = {}
-    for name in names:
-        if name not in table:
-            continue
-        v, where = table[name], ("bus", name)
-        if name == "heartbeat_interval_s":
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise sources.error(where, f"must be a number of seconds, {_got(v)}")
-            if not math.isfinite(v) or v <= 0:
-                raise sources.error(where, f"must be positive, got {v!r}")
-            values[name] = float(v)
-            continue
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise sources.error(where, f"must be an integer, {_got(v)}")
-        if v > _C_INT_MAX:
-            raise sources.error(where, f"must be at most {_C_INT_MAX} (ZeroMQ takes a C int), got {v}")
-        if name == "linger_ms":
-            if v == -1:
-                raise sources.error(where, "must be 0 or positive, got -1 (wait forever: it would block shutdown)")
-            if v < 0:
-                raise sources.error(where, f"must be 0 or positive, got {v}")
-        elif v <= 0:
-            why = " (0 is unlimited in ZeroMQ: a stalled peer would cost memory and latency)" if "hwm" in name else ""
-            raise sources.error(where, f"must be positive, got {v}{why}")
-        values[name] = v
-    bus = BusOptions(**values)
-    if bus.heartbeat_timeout_ms < bus.heartbeat_ivl_ms:
-        raise sources.error(("bus", "heartbeat_timeout_ms"),
-                            f"{bus.heartbeat_timeout_ms} is below heartbeat_ivl_ms {bus.heartbeat_ivl_ms} "
-                            f"(a live peer would time out between two heartbeats)")
-    if bus.reconnect_ivl_max_ms < bus.reconnect_ivl_ms:
-        raise sources.error(("bus", "reconnect_ivl_max_ms"),
-                            f"{bus.reconnect_ivl_max_ms} is below reconnect_ivl_ms {bus.reconnect_ivl_ms} "
-                            f"(the back-off cap cannot be shorter than the first interval)")
-    return bus
-
-
-def _parse_security(raw: dict, sources: _Sources) -> SecurityOptions:
-    table = _table(raw, "security", sources)
-    _check_keys(table, [f.name for f in fields(SecurityOptions)], ("security",), sources)
-    curve = table.get("curve", SecurityOptions.curve)
-    if not isinstance(curve, bool):
-        raise sources.error(("security", "curve"), f"must be true or false, {_got(curve)}")
-    keys_dir = table.get("keys_dir", str(SecurityOptions.keys_dir))
-    if not isinstance(keys_dir, str) or not keys_dir:
-        got = _got(keys_dir) if not isinstance(keys_dir, str) else "got an empty string"
-        raise sources.error(("security", "keys_dir"), f"must be a folder path, {got}")
-    # Made absolute now, relative to the working directory, so a later chdir cannot move it.
-    return SecurityOptions(curve=curve, keys_dir=Path(keys_dir).expanduser().absolute())
+def _parse_options(raw: dict, name: str, cls: type, sources: _Sources) -> Any:
+    try:
+        return parse_table(cls, _table(raw, name, sources))
+    except SettingsError as exc:
+        raise sources.error((name, exc.key), exc.why) from None
 
 
 def _validate(raw: dict, sources: _Sources, source: str) -> PipelineConfig:
@@ -545,10 +525,13 @@ def _validate(raw: dict, sources: _Sources, source: str) -> PipelineConfig:
         if key not in _TABLES:
             raise sources.error((key,), f"unknown table (known: {', '.join(_TABLES)})")
     endpoints = _parse_endpoints(raw, sources)
-    bus = _parse_bus(raw, sources)
-    security = _parse_security(raw, sources)
+    bus = _parse_options(raw, "bus", BusOptions, sources)
+    security = _parse_options(raw, "security", SecurityOptions, sources)
+    # Made absolute now, relative to the working directory, so a later chdir cannot move it.
+    security = replace(security, keys_dir=security.keys_dir.absolute())
     services = {name: dict(_table(raw, name, sources)) for name in SETTINGS_TABLES}
-    return PipelineConfig(endpoints=endpoints, bus=bus, security=security, services=services, source=source)
+    return PipelineConfig(endpoints=endpoints, bus=bus, security=security, services=services, source=source,
+                          sources=sources)
 
 
 # ------------------------------------------------------------------------------------- loading

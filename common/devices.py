@@ -1,9 +1,10 @@
-"""``llvc devices``: the sound devices PortAudio lists, as ``device:NAME-or-INDEX`` sees them.
+"""Sound devices: the one rule that finds a device by ``device:NAME-or-INDEX`` (for capture's
+input and playback's output alike), the latency hint, and ``llvc devices``.
 
-A table (or ``--json``) of every device: index, name, input and output channels, default
-sample rate, host API, and which are the default input and output (what ``device:`` opens).
-``--find SPEC`` says which input device capture's ``device:SPEC`` would open (the same
-matching as capture: :func:`services.sources.find_input_device`).
+``llvc devices`` prints a table (or ``--json``) of every device: index, name, input and output
+channels, default sample rate, host API, and which are the default input and output (what
+``device:`` opens). ``--find SPEC`` (``--output`` for playback's side) says which device
+``device:SPEC`` would open, by :func:`find_device`, the rule capture and playback use.
 
 ``sounddevice`` is imported here, inside :func:`run`: where the PortAudio library is missing
 the command says so in one line and exits 2. PortAudio probing ALSA's devices writes ALSA's
@@ -22,12 +23,75 @@ from typing import Any
 
 NO_DEVICES = ("PortAudio lists no sound devices (no sound card, or no sound server reachable); "
               "for virtual ones run scripts/virtual-audio.sh start")
+#: What ``device_latency`` (PortAudio's latency hint) accepts besides seconds.
+LATENCY_WORDS = ("low", "high")
+
+
+class DeviceError(ValueError):
+    """No device, or no single device, answers to a spec; ``str()`` is one line listing the candidates."""
+
+
+def find_device(spec: str, devices: list[dict], default: int = -1, direction: str = "input") -> tuple[int, dict]:
+    """``(index, info)`` of the ``direction`` (``"input"`` or ``"output"``) device ``spec`` names.
+
+    ``""`` or ``"default"``: the default device (``default``, PortAudio's index). Digits: that
+    index. Otherwise a case-insensitive name: an exact match wins; else the one device whose name
+    contains it. A spec that matches no device, or several, raises :class:`DeviceError` listing
+    the devices of that direction.
+    """
+    key = f"max_{direction}_channels"
+    candidates = [(i, d) for i, d in enumerate(devices) if d.get(key, 0) > 0]
+    if spec in ("", "default"):
+        match = [(i, d) for i, d in candidates if i == default]
+    elif spec.isdigit():
+        match = [(i, d) for i, d in candidates if i == int(spec)]
+    else:
+        want = spec.casefold()
+        match = ([(i, d) for i, d in candidates if d["name"].casefold() == want]
+                 or [(i, d) for i, d in candidates if want in d["name"].casefold()])
+    if len(match) == 1:
+        return match[0]
+    listing = "; ".join(f"{i}: {d['name']} ({d[key]} ch, {d['default_samplerate']:g} Hz)"
+                        for i, d in candidates) or f"none, PortAudio lists no {direction} devices"
+    if len(match) > 1:
+        what = f"{spec!r} matches several {direction} devices"
+    elif spec in ("", "default"):
+        what = f"no default {direction} device"
+    else:
+        what = f"no {direction} device matches {spec!r}"
+    raise DeviceError(f"{what} ({direction} devices: {listing})")
+
+
+def parse_latency(value: str | float) -> str | float:
+    """``device_latency`` as sounddevice wants it: ``"low"``, ``"high"`` or seconds in (0, 10).
+
+    Raises :class:`DeviceError` (what is allowed, not the value) otherwise.
+    """
+    if isinstance(value, str):
+        if value in LATENCY_WORDS:
+            return value
+        raise DeviceError('must be "low", "high" or seconds')
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 10:
+        raise DeviceError("must be in (0, 10) seconds")
+    return float(value)
+
+
+def latency_problem(value: str | float) -> str | None:
+    """Settings check for ``device_latency`` (capture's and playback's alike)."""
+    try:
+        parse_latency(value)
+    except DeviceError as exc:
+        return str(exc)
+    return None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register ``llvc devices``'s flags on ``p``."""
     p.add_argument("--json", action="store_true", help="print a JSON list of the devices instead of a table")
     p.add_argument("--find", metavar="SPEC",
-                   help="print the input device capture's device:SPEC opens (index or name substring; '' = default)")
+                   help="print the device device:SPEC opens (index or name; '' = default): capture's input, "
+                        "or with --output playback's output")
+    p.add_argument("--output", action="store_true", help="--find looks for an output device (playback's)")
 
 
 def _import_sounddevice():
@@ -77,6 +141,7 @@ def table(devices: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Execute ``llvc devices``."""
     try:
         sd = _import_sounddevice()
     except (OSError, ImportError) as exc:  # the PortAudio library (or sounddevice) is missing
@@ -84,11 +149,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     devices = list_devices(sd)
     if args.find is not None:
-        from services.sources import SourceError, find_input_device
-
+        direction = "output" if args.output else "input"
         try:
-            index, _ = find_input_device(args.find, list(sd.query_devices()), sd.default.device[0])
-        except SourceError as exc:
+            index, _ = find_device(args.find, list(sd.query_devices()), sd.default.device[int(args.output)], direction)
+        except DeviceError as exc:
             print(f"llvc devices: {exc}", file=sys.stderr)
             return 1
         devices = [devices[index]]

@@ -56,7 +56,8 @@ field              type        meaning
 ``reset``          bool        whether the stage's state was reset for this chunk
 =================  ==========  ==================================================================
 
-**Telemetry** (``kind = "telemetry"``, :class:`Telemetry`):
+**Telemetry** (``kind = "telemetry"``, :class:`Telemetry`; the records ``data`` holds are
+:mod:`common.telemetry`'s):
 
 =================  ==========  ==================================================================
 field              type        meaning
@@ -100,9 +101,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from .audio import SAMPLE_RATE  # the model's rate: what decode_audio insists on by default
+
 __all__ = [
     "PROTOCOL_VERSION",
-    "SAMPLE_RATE",
     "DEFAULT_MAX_SAMPLES",
     "FORMATS",
     "TELEMETRY_TYPES",
@@ -119,20 +121,17 @@ __all__ = [
     "decode",
     "decode_audio",
     "decode_telemetry",
-    "audio_header",
 ]
 
 #: ``(major, minor)`` of what :func:`encode` writes; on the wire as ``[major, minor]``.
 PROTOCOL_VERSION = (1, 0)
-#: The model's sample rate: what :func:`decode_audio` insists on by default.
-SAMPLE_RATE = 16000
 #: Largest chunk accepted by default: 1 s at 16 kHz, far above any real chunk (208 * chunk_factor).
 DEFAULT_MAX_SAMPLES = 16000
 #: Sample formats on the wire. Decoded audio is always float32.
 FORMATS = ("f32le", "s16le")
-#: Telemetry types. ``"audio"`` is an audio chunk's header without its payload (see
-#: :func:`audio_header`), published on a service's telemetry tap.
-TELEMETRY_TYPES = ("heartbeat", "chunk", "counters", "event", "audio")
+#: Telemetry types; what each carries in ``data`` is :mod:`common.telemetry`'s (``"audio"`` is an
+#: audio chunk's header without its payload).
+TELEMETRY_TYPES = ("heartbeat", "chunk", "event", "audio")
 #: Most stage records one chunk may carry.
 MAX_STAGES = 16
 #: Longest stream id, service, host, stage or model name, in characters.
@@ -250,7 +249,7 @@ class AudioChunk:
 
 @dataclass(frozen=True)
 class Telemetry:
-    """A telemetry message: heartbeat, per-chunk timing, counters, an event, or an audio header.
+    """A telemetry message's envelope: heartbeat, per-chunk timing, an event, or an audio header.
 
     ``data`` arrives with arrays as lists; tuples given to :func:`encode` come back as lists.
     """
@@ -736,26 +735,3 @@ def decode_telemetry(data: bytes | bytearray | memoryview, *,
                      max_samples: int = DEFAULT_MAX_SAMPLES) -> Telemetry:
     """Decode a telemetry message; like :func:`decode`, and a :class:`ProtocolError` for audio."""
     return _decode(data, max_samples, None, "telemetry")  # type: ignore[return-value]
-
-
-def audio_header(chunk: AudioChunk) -> dict:
-    """A chunk's header without the payload, as JSON-able data (for ``"audio"`` telemetry).
-
-    The wire's field names, plus ``n_samples``, with the stages as dicts.
-    """
-    return {
-        "stream_id": chunk.stream_id,
-        "seq": chunk.seq,
-        "t_capture_ns": chunk.t_capture_ns,
-        "t_wall_ns": chunk.t_wall_ns,
-        "sample_rate": chunk.sample_rate,
-        "n_samples": chunk.n_samples,
-        "fmt": chunk.fmt,
-        "offset": chunk.offset,
-        "source_end": chunk.source_end,
-        "stages": [
-            {"name": s.name, "host": s.host, "t_recv_ns": s.t_recv_ns, "t_send_ns": s.t_send_ns,
-             "proc_ns": s.proc_ns, "model": s.model, "reset": s.reset}
-            for s in chunk.stages
-        ],
-    }

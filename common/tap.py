@@ -1,10 +1,12 @@
 """``llvc tap``: print the pipeline's telemetry as JSON lines.
 
-Connects a SUB to every service's telemetry PUB (see :mod:`common.bus`) and prints each decoded
-message as one JSON object per line. Attaching and detaching never affects the audio path.
-``--filter`` keeps topics with the given prefixes (``event.``, ``chunk.inference``, ...);
-``--audio`` adds the audio-chunk headers services publish under ``audio.<service>``.
-Ctrl-C (or SIGTERM) ends it cleanly with status 0.
+Connects a SUB to every service's telemetry PUB (see :mod:`common.bus`) and prints each record
+(:mod:`common.telemetry`, the contract) as one JSON object per line: the envelope (topic,
+service, type, host, pid, both clocks) and the record's ``data`` as it is on the wire. Attaching
+and detaching never affects the audio path. ``--filter`` keeps topics with the given prefixes
+(``event.``, ``chunk.inference``, ...); ``--audio`` adds the headers of the audio chunks
+playback receives (``audio.playback``: every stage record, no samples). Ctrl-C (or SIGTERM)
+ends it cleanly with status 0; malformed messages are counted and reported at the end.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import sys
 import time
 
 from .config import PipelineConfigError, add_config_arguments, config_from_args
+from .telemetry import Record
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument("--filter", action="append", default=[], metavar="PREFIX",
                    help="only topics starting with PREFIX (repeatable), e.g. event. or chunk.inference")
-    p.add_argument("--audio", action="store_true", help="also print audio-chunk headers (topics audio.*)")
+    p.add_argument("--audio", action="store_true",
+                   help="also print the headers of the chunks playback receives (topic audio.playback)")
     p.add_argument("--count", type=int, default=0, help="exit after this many messages (0: run until Ctrl-C)")
     p.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (0: no limit)")
 
@@ -37,11 +41,12 @@ def topics_for(filters: list[str], audio: bool) -> list[str]:
     return [f"{t}." for t in TELEMETRY_TYPES if t != "audio"] + (["audio."] if audio else [])
 
 
-def to_json(msg) -> str:
-    """One JSON line for a telemetry message."""
-    return json.dumps({"topic": msg.topic, "service": msg.service, "type": msg.type, "host": msg.host,
-                       "pid": msg.pid, "t_mono_ns": msg.t_mono_ns, "t_wall_ns": msg.t_wall_ns,
-                       "data": msg.data}, separators=(",", ":"), allow_nan=False, default=str)
+def to_json(record: Record) -> str:
+    """One JSON line for a telemetry record: its envelope and its wire ``data``."""
+    o = record.origin
+    return json.dumps({"topic": record.topic, "service": o.service, "type": record.TYPE, "host": o.host,
+                       "pid": o.pid, "t_mono_ns": o.t_mono_ns, "t_wall_ns": o.t_wall_ns,
+                       "data": record.to_data()}, separators=(",", ":"), allow_nan=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,11 +78,7 @@ def run(args: argparse.Namespace) -> int:
             msg = sub.recv(timeout_ms=100)
             if msg is None:
                 continue
-            try:
-                line = to_json(msg)
-            except ValueError:  # NaN/Inf in data: print it as a string rather than invalid JSON
-                line = json.dumps({"topic": msg.topic, "service": msg.service, "data": repr(msg.data)})
-            sys.stdout.write(line + "\n")
+            sys.stdout.write(to_json(msg) + "\n")
             sys.stdout.flush()
             printed += 1
             if args.count and printed >= args.count:

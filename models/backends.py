@@ -13,7 +13,7 @@ Backends (``inference.backend``, ``llvc convert --backend``):
 
 The cache: ``$LLVC_CACHE_DIR``, else ``$XDG_CACHE_HOME/llvc``, else ``~/.cache/llvc``; artifacts
 live under ``onnx/`` there, named by a hash of everything they depend on
-(:func:`cached_artifact_path`), so a changed checkpoint, config, chunk factor or artifact format
+(:attr:`models.spec.ModelSpec.artifact_key`), so a changed checkpoint, config, chunk factor or artifact format
 gets a new name instead of a stale file.
 
 This module must not import torch at import time, nor when resolving (only
@@ -22,14 +22,15 @@ This module must not import torch at import time, nor when resolving (only
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
-import json
 import os
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from .config import DEFAULT_CONFIG_PATH
+from .spec import ModelSpec
 
 #: What ``inference.backend`` and ``llvc convert --backend`` accept.
 BACKENDS = ("auto", "eager", "onnx")
@@ -54,56 +55,23 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "llvc"
 
 
-def artifact_version() -> int:
-    """The artifact layout version (:data:`models.config.ARTIFACT_VERSION`), torch-free."""
-    from .config import ARTIFACT_VERSION
-
-    return ARTIFACT_VERSION
-
-
-def cached_artifact_path(checkpoint: str | Path | None, config: str | Path | None, chunk_factor: int) -> Path:
-    """Where the cache keeps the artifact of this model (``<cache>/onnx/<name>.onnx``).
-
-    ``checkpoint`` and ``config`` as given: :func:`models.config.resolve_model_files` says what
-    they load (neither: the embedded demo voice). The name ends in a SHA-256 over the checkpoint
-    file's SHA-256 (``"untrained-default"`` for the untrained seeded model), the model config
-    (``to_json_dict()``, keys sorted), the chunk factor and the artifact version: anything that
-    changes what the graph would be changes the name. Raises what reading the checkpoint or
-    config raises (``OSError``, ``ConfigError``).
-    """
-    from .config import file_digest, load_config, resolve_model_files
-
-    files = resolve_model_files(checkpoint, config)
-    key = {
-        "checkpoint_sha256": file_digest(files.checkpoint) if files.checkpoint else "untrained-default",
-        "config": load_config(files.config).to_json_dict(),
-        "chunk_factor": int(chunk_factor),
-        "artifact_version": artifact_version(),
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", files.checkpoint.stem)[:40] if files.checkpoint else "untrained"
-    return cache_dir() / "onnx" / f"{stem}-cf{int(chunk_factor)}-{digest}.onnx"
+def cached_artifact_path(spec: ModelSpec) -> Path:
+    """Where the cache keeps the artifact of ``spec``'s model: ``<cache>/onnx/<name>.onnx``, the
+    name ending in :attr:`~models.spec.ModelSpec.artifact_key`. Raises ``OSError`` when the
+    checkpoint cannot be read."""
+    return cache_dir() / "onnx" / spec.artifact_name
 
 
-def export_hint(checkpoint, config, chunk_factor: int) -> str:
-    """The command that fills the cache for this model."""
-    return ("llvc export --cache" + (f" -p {checkpoint}" if checkpoint else "")
-            + (f" -c {config}" if config else "") + f" -n {chunk_factor}")
+def export_hint(spec: ModelSpec) -> str:
+    """The command that fills the cache for ``spec``'s model."""
+    given = "" if spec.demo else (
+        (f" -p {spec.checkpoint}" if spec.checkpoint else "")
+        + (f" -c {spec.files.config}" if spec.untrained or spec.files.config != DEFAULT_CONFIG_PATH else ""))
+    return f"llvc export --cache{given} -n {spec.chunk_factor}"
 
 
-def model_label(checkpoint, config) -> str:
-    """How a model is named in messages: the demo voice, its checkpoint file, or untrained."""
-    from .config import DEMO_CHECKPOINT, REPO_ROOT, resolve_model_files
-
-    files = resolve_model_files(checkpoint, config)
-    if files.demo:
-        return f"the embedded demo voice ({DEMO_CHECKPOINT.relative_to(REPO_ROOT)})"
-    return str(files.checkpoint) if files.checkpoint else f"the untrained seeded model of {files.config}"
-
-
-def ensure_artifact(checkpoint: str | Path | None, config: str | Path | None, chunk_factor: int,
-                    log: Callable[[str], Any] = lambda msg: None, threads: int = 1) -> Path:
-    """The cached artifact for this model, exported first if it is absent or stale.
+def ensure_artifact(spec: ModelSpec, log: Callable[[str], Any] = lambda msg: None, threads: int = 1) -> Path:
+    """The cached artifact for ``spec``'s model, exported first if it is absent or stale.
 
     ``log(line)`` is called once, just before exporting (never when the cache is valid).
     Imports torch only to export. Two processes that race take turns on a lock file; the
@@ -111,11 +79,11 @@ def ensure_artifact(checkpoint: str | Path | None, config: str | Path | None, ch
     """
     from .onnx_engine import ArtifactError, OnnxEngine
 
-    path = cached_artifact_path(checkpoint, config, chunk_factor)
+    path = cached_artifact_path(spec)
 
     def valid() -> bool:
         try:
-            OnnxEngine.for_model(path, checkpoint, config, chunk_factor, threads)
+            OnnxEngine.for_model(path, spec, threads)
             return True
         except ArtifactError:
             return False
@@ -127,14 +95,13 @@ def ensure_artifact(checkpoint: str | Path | None, config: str | Path | None, ch
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if valid():  # made by whoever held the lock before us
             return path
-        log(f"exporting the ONNX step for {model_label(checkpoint, config)} cf {chunk_factor} into {path} "
-            "(once; ~10 s)")
-        from .checkpoint import load_model
+        log(f"exporting the ONNX step for {spec.label} cf {spec.chunk_factor} into {path} (once; ~10 s)")
+        from .checkpoint import load_spec
         from .export import export_onnx
 
-        model, info = load_model(checkpoint or None, config or None, warn=lambda msg: None)
-        export_onnx(model, info, chunk_factor, path)
-        OnnxEngine.for_model(path, checkpoint, config, chunk_factor, threads)  # what a service will check
+        model, info = load_spec(spec, warn=lambda msg: None)
+        export_onnx(model, info, spec.chunk_factor, path)
+        OnnxEngine.for_model(path, spec, threads)  # what a service will check
     return path
 
 
@@ -163,10 +130,10 @@ class Resolved:
     note: str | None = None      # one line: why ``auto`` fell back to eager (None: it did not)
 
 
-def resolve_backend(requested: str, device: str, artifact: str | Path | None, checkpoint, config,
-                    chunk_factor: int, threads: int = 1, setting: str = "inference.backend",
+def resolve_backend(requested: str, device: str, artifact: str | Path | None, spec: ModelSpec,
+                    threads: int = 1, setting: str = "inference.backend",
                     artifact_setting: str = "inference.artifact") -> Resolved:
-    """Choose the backend for ``requested`` (one of :data:`BACKENDS`); never exports.
+    """Choose the backend for ``requested`` (one of :data:`BACKENDS`) to run ``spec``; never exports.
 
     ``onnx`` loads ``artifact`` (empty: the cached one) or raises :class:`BackendError` (or the
     :class:`~models.onnx_engine.ArtifactError` of a stale artifact), one line each. ``auto``
@@ -179,7 +146,7 @@ def resolve_backend(requested: str, device: str, artifact: str | Path | None, ch
         return Resolved("eager")
     explicit = requested == "onnx"
     label = f"{setting} = onnx" if explicit else "backend auto"
-    make = f"make it with: {export_hint(checkpoint, config, chunk_factor)}; llvc run makes it too"
+    make = f"make it with: {export_hint(spec)}; llvc run makes it too"
 
     def fallback(why: str, how: str) -> Resolved:
         if explicit:
@@ -192,25 +159,28 @@ def resolve_backend(requested: str, device: str, artifact: str | Path | None, ch
         path = Path(artifact)
     else:
         try:
-            path = cached_artifact_path(checkpoint, config, chunk_factor)
-        except (OSError, ValueError) as exc:
+            path = cached_artifact_path(spec)
+        except OSError as exc:
             if not explicit:
-                return Resolved("eager")  # a missing checkpoint or bad config: eager reports it as usual
-            if isinstance(exc, OSError):
-                raise BackendError(f"{checkpoint}: cannot read the checkpoint ({exc.strerror or exc})") from None
-            raise
+                return Resolved("eager")  # a missing checkpoint: eager reports it as usual
+            raise BackendError(f"{spec.checkpoint}: cannot read the checkpoint ({exc.strerror or exc})") from None
         if not path.is_file():
             needs = f"needs {artifact_setting} or a cached artifact, and " if explicit else ""
-            return fallback(f"{needs}no ONNX artifact is cached for this model (cf {chunk_factor}) at {path}", make)
+            return fallback(f"{needs}no ONNX artifact is cached for this model (cf {spec.chunk_factor}) at {path}",
+                            make)
     try:
         from .onnx_engine import ArtifactError, OnnxEngine
     except ImportError as exc:  # found but broken
         return fallback(f"onnxruntime cannot be imported ({exc})", "pip install -e '.[onnx]'")
     try:
-        engine = OnnxEngine.for_model(path, checkpoint, config, chunk_factor, threads)
+        engine = OnnxEngine.for_model(path, spec, threads)
     except ArtifactError as exc:
         if explicit:
             raise
         where = f"{artifact_setting} unusable" if artifact else "cached ONNX artifact unusable"
         return fallback(f"{where}: {exc}", make)
+    except OSError as exc:  # the checkpoint cannot be read to check the artifact against
+        if not explicit:
+            return Resolved("eager")
+        raise BackendError(f"{spec.checkpoint}: cannot read the checkpoint ({exc.strerror or exc})") from None
     return Resolved("onnx", engine, path)

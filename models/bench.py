@@ -15,8 +15,9 @@ chunk made each one start from caches the others had just filled with their own 
 (``GroupedPointwise.upstream_math`` set on its own copy of the model); ``eager`` is
 :class:`~models.streaming.StreamingEngine` as services run it (:class:`~models.fast_step.FastStep`
 in PyTorch); ``onnx`` (the same FastStep exported, on ONNX Runtime) is used when
-:mod:`models.export` and :mod:`models.onnx_engine` import and export. A backend whose whole-clip output differs from reference's by more than
-:data:`TOLERANCE` is invalid and :func:`choose_backend` never picks it.
+:mod:`models.export` and :mod:`models.onnx_engine` import and export. A backend whose whole-clip
+output differs from reference's by more than :data:`TOLERANCE` is invalid and
+:func:`choose_backend` never picks it.
 
 RTF here is ``chunk duration / median processing time`` (above 1: faster than real time);
 ``rtf_mean`` (upstream ``infer.py``'s definition, chunk duration / mean) is in the JSON too.
@@ -31,19 +32,17 @@ import json
 import math
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP, demo_model_line, resolve_model_files
+from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP
+from models.geometry import check_chunk_factor
+from models.spec import demo_model_line
 
 #: A backend's whole-clip output may differ from reference's by at most this to be valid.
 TOLERANCE = 1e-4
@@ -159,9 +158,8 @@ def _bench_setting(model, info, names, chunk_factor, threads, x, warmup, repeats
             continue
         build_ms[name] = (time.perf_counter_ns() - t0) / 1e6
     order = list(engines)
-    ref = engines[REFERENCE]
-    C, H = ref.chunk_len, ref.head_len
-    chunk_s = C / model.cfg.sample_rate
+    geometry = engines[REFERENCE].geometry
+    C, H, chunk_s = geometry.chunk_len, geometry.head_len, geometry.chunk_s
 
     # Warm-up on low noise: the first call is timed on its own (first-chunk time).
     noise = (np.random.default_rng(0).standard_normal(C) * 0.01).astype(np.float32)
@@ -217,8 +215,7 @@ def _bench_setting(model, info, names, chunk_factor, threads, x, warmup, repeats
 
 def run_bench(backends=("reference", "eager", "onnx"), chunk_factors=DEFAULT_CHUNK_FACTORS,
               threads_list=DEFAULT_THREADS, clip=DEFAULT_CLIP, warmup: int = 20, repeats: int = 1,
-              checkpoint=None, config=None, seconds: float | None = None, cold_start_run: bool = False,
-              log=None) -> dict:
+              checkpoint=None, config=None, seconds: float | None = None, log=None) -> dict:
     """Benchmark ``backends`` on every (chunk factor, threads) setting; returns the report dict.
 
     ``reference`` is always run (first) even if not named. ``clip`` is a path or a 1-D array;
@@ -244,10 +241,10 @@ def run_bench(backends=("reference", "eager", "onnx"), chunk_factors=DEFAULT_CHU
     load_s = time.perf_counter() - t0
     x, clip_name = _load_clip(clip, model.cfg.sample_rate, seconds)
     report = {"machine": machine_info(),
-              "model": {"id": info.model_id, "trained": info.trained, "load_s": load_s},
+              "model": {"id": info.model_id, "trained": info.trained, "demo": info.demo, "load_s": load_s},
               "clip": {"path": clip_name, "samples": len(x), "seconds": len(x) / model.cfg.sample_rate},
               "backends": names, "warmup": warmup, "repeats": repeats, "tolerance": TOLERANCE,
-              "rtf_definition": RTF_DEFINITION, "settings": [], "cold_start": None}
+              "rtf_definition": RTF_DEFINITION, "settings": []}
     try:
         with tempfile.TemporaryDirectory(prefix="llvc-bench-") as workdir:
             for cf in chunk_factors:
@@ -255,17 +252,6 @@ def run_bench(backends=("reference", "eager", "onnx"), chunk_factors=DEFAULT_CHU
                     log(f"chunk factor {cf}, {th} thread(s): {', '.join(names)}")
                     report["settings"].append(
                         _bench_setting(model, info, names, cf, th, x, warmup, repeats, workdir))
-            if cold_start_run:
-                cf, th = chunk_factors[0], threads_list[0]
-                log("cold start of `llvc inference`")
-                report["cold_start"] = cold_start(cf, th, checkpoint, config,
-                                                  extra=("--set", "inference.backend=eager"))
-                artifact = Path(workdir) / f"llvc-cf{cf}.onnx"
-                if artifact.exists():  # the onnx backend ran: the same service on its artifact
-                    log("cold start of `llvc inference` on the onnx backend")
-                    report["cold_start_onnx"] = cold_start(
-                        cf, th, checkpoint, config,
-                        extra=("--set", "inference.backend=onnx", "--set", f"inference.artifact={artifact}"))
     finally:
         torch.set_num_threads(threads_before)
     return report
@@ -293,87 +279,6 @@ def choose_backend(results: dict, chunk_factor: int | None = None, threads: int 
     return max(sorted(candidates), key=score)
 
 
-# --------------------------------------------------------------------------- cold start
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def cold_start(chunk_factor: int = 1, threads: int = 1, checkpoint=None, config=None,
-               timeout: float = 120.0, extra: tuple[str, ...] = ()) -> dict:
-    """Start ``llvc inference`` on private ports; time process start -> first output chunk.
-
-    Sends the stream head and chunks of low noise as soon as the service accepts them (capture's
-    sends fail until it has bound, after loading and warming up) and reads the process's RSS
-    (``VmRSS``) when the first output arrives. Returns ``{"first_output_s", "rss_mib", ...}`` or
-    ``{"error": ...}``.
-    """
-    from common.bus import Bus
-    from common.config import load_pipeline_config
-    from common.protocol import AudioChunk
-
-    names = ("audio_in", "audio_out", "telemetry_capture", "telemetry_inference",
-             "telemetry_playback", "telemetry_monitor")
-    overrides = [f"endpoints.{n}.connect=tcp://127.0.0.1:{_free_port()}" for n in names]
-    cfg = load_pipeline_config(env={}, overrides=overrides)
-    exe = Path(sys.executable).parent / "llvc"
-    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "common.cli"]),
-           "inference", *[a for o in overrides for a in ("--set", o)],
-           "-n", str(chunk_factor), "--threads", str(threads),
-           *(["-p", str(checkpoint)] if checkpoint else []), *(["-c", str(config)] if config else []),
-           *extra]
-    head_len, C = 16, 13 * 16 * chunk_factor  # head = L samples, chunk = 13 L N
-    sid = uuid.uuid4().hex
-    rng = np.random.default_rng(0)
-    t0 = time.perf_counter()
-    errlog = tempfile.TemporaryFile("w+")  # a file, not a pipe: the child never blocks on it
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errlog, text=True,
-                            env={**os.environ, "LLVC_PIPELINE_CONFIG": ""},
-                            cwd=Path(__file__).resolve().parents[1])
-    result: dict = {"command": "llvc inference -n %d --threads %d" % (chunk_factor, threads)}
-    try:
-        with Bus(cfg, "capture") as capture, Bus(cfg, "playback") as playback:
-            tx, rx = capture.audio_sender("audio_in"), playback.audio_receiver("audio_out")
-            seq, offset, got = 0, 0, None
-            deadline = time.perf_counter() + timeout
-            while got is None and time.perf_counter() < deadline and proc.poll() is None:
-                n = head_len if seq == 0 else C
-                c = AudioChunk(sid, seq, time.monotonic_ns(), time.time_ns(),
-                               (rng.standard_normal(n) * 0.01).astype(np.float32), offset=offset)
-                if tx.send(c):
-                    seq, offset = seq + 1, offset + n
-                got = rx.recv(5)
-            first_s = time.perf_counter() - t0
-            if got is None:
-                reason = "exited with status %s" % proc.poll() if proc.poll() is not None else "timed out"
-                errlog.seek(0)
-                last = errlog.read().strip().splitlines()[-1:] or [""]
-                result["error"] = f"no output: {reason} {last[0][:200]}".strip()
-            else:
-                result.update(first_output_s=first_s, rss_mib=_rss_mib(proc.pid), output_offset=got.offset)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        errlog.close()
-    return result
-
-
 # --------------------------------------------------------------------------- output
 def format_table(report: dict) -> str:
     """An aligned terminal table: one row per setting and backend."""
@@ -388,19 +293,15 @@ def format_table(report: dict) -> str:
                          "yes" if b["valid"] else "NO", f"{b['first_chunk_ms']:.1f}"))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     left = {2}
-    fmt = lambda r: "  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+    def fmt(r):
+        return "  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+
     lines = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows)]
     unavailable = {n: r for s in report["settings"] for n, r in s["unavailable"].items()}
     lines += [f"{n}: unavailable ({r})" for n, r in unavailable.items()]
     m, c = report["model"], report["clip"]
     lines.append(f"model {m['id']} loaded in {1000 * m['load_s']:.0f} ms; clip {c['seconds']:.2f} s; "
                  f"RTF = {RTF_DEFINITION}; x ref = reference median / backend median (same run, interleaved)")
-    for key, label in (("cold_start", "eager"), ("cold_start_onnx", "onnx")):
-        cs = report.get(key)
-        if cs:
-            lines.append(f"cold start, {label} ({cs['command']}): " + (
-                cs["error"] if "error" in cs else
-                f"process start -> first output {cs['first_output_s']:.2f} s, RSS {cs['rss_mib']:.0f} MiB"))
     return "\n".join(lines)
 
 
@@ -456,8 +357,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help=f"model config JSON ({CONFIG_DEFAULT_HELP})")
     p.add_argument("--quick", action="store_true",
                    help=f"chunk factor 1, 1 thread, first {QUICK_SECONDS:g} s of the clip, 5 warm-up chunks")
-    p.add_argument("--cold-start", action="store_true",
-                   help="also time `llvc inference` from process start to its first output, and its RSS")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -474,20 +373,25 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"unknown backend {unknown[0]!r} (known: {', '.join(BACKENDS)})")
     cfs = args.chunk_factor or ([1] if args.quick else list(DEFAULT_CHUNK_FACTORS))
     threads = args.threads or ([1] if args.quick else list(DEFAULT_THREADS))
-    if any(v < 1 for v in cfs) or any(v < 1 for v in threads) or args.repeats < 1 or args.warmup < 0:
-        return fail("--chunk-factor, --threads and --repeats must be >= 1, --warmup >= 0")
+    try:
+        for cf in cfs:
+            check_chunk_factor(cf)
+    except ValueError as exc:
+        return fail(f"--chunk-factor: {exc}")
+    if any(v < 1 for v in threads) or args.repeats < 1 or args.warmup < 0:
+        return fail("--threads and --repeats must be >= 1, --warmup >= 0")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print("matplotlib not installed: pip install '.[plot]'", file=sys.stderr)
     try:
         report = run_bench(backends, cfs, threads, args.clip, warmup=5 if args.quick else args.warmup,
                            repeats=args.repeats, checkpoint=args.checkpoint, config=args.config,
-                           seconds=QUICK_SECONDS if args.quick else None, cold_start_run=args.cold_start,
+                           seconds=QUICK_SECONDS if args.quick else None,
                            log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (ValueError, OSError, AudioError) as exc:  # config, checkpoint, clip: one line
         return fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     print(format_table(report))
     print(f"fastest valid backend: {choose_backend(report)}")
-    if resolve_model_files(args.checkpoint, args.config).demo:
+    if report["model"]["demo"]:
         print(demo_model_line("llvc bench", report["model"]["id"]), file=sys.stderr)
     elif not report["model"]["trained"]:
         print("NOTE: benchmarked an UNTRAINED seeded model (-c without -p)", file=sys.stderr)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .config import (ModelConfig, checkpoint_model_id, demo_description, file_digest,  # noqa: F401 - re-exported
-                     load_config, resolve_model_files)
+from .config import ModelConfig
 from .llvc import LLVC
+from .spec import UNTRAINED_SEED, ModelSpec, demo_description
 
 #: Seed of the untrained model's weights (the same model every time).
-DEFAULT_SEED = 0
+DEFAULT_SEED = UNTRAINED_SEED
 #: The untrained model's output conv weights are scaled by this so its tanh is not saturated.
 DEFAULT_OUT_SCALE = 0.05
 UNTRAINED_WARNING = ("WARNING: a model config but no checkpoint given, using the UNTRAINED seeded model "
@@ -34,13 +34,34 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Where a loaded model came from; ``model_id`` names it on the wire and in reports."""
+    """Where a loaded model came from (its :class:`~models.spec.ModelSpec`, which knows the rest)."""
 
-    model_id: str
-    checkpoint: Path | None
-    config: Path | None
-    trained: bool
-    demo: bool = False  # the embedded demo voice, taken because no checkpoint or config was given
+    spec: ModelSpec
+
+    @property
+    def model_id(self) -> str:
+        """Names the model on the wire and in reports."""
+        return self.spec.model_id
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The checkpoint file; ``None`` for the untrained seeded model."""
+        return self.spec.checkpoint
+
+    @property
+    def config(self) -> Path:
+        """The model config file."""
+        return self.spec.files.config
+
+    @property
+    def trained(self) -> bool:
+        """False for the untrained seeded model."""
+        return not self.spec.untrained
+
+    @property
+    def demo(self) -> bool:
+        """The embedded demo voice, taken because no checkpoint or config was given."""
+        return self.spec.demo
 
     def describe(self) -> str:
         """A short human description for logs."""
@@ -126,15 +147,18 @@ def load_model(checkpoint: str | Path | None = None, config: str | Path | None =
     config: the untrained seeded model, and :data:`UNTRAINED_WARNING` is passed to ``warn``
     (default: printed to stderr). Raises :class:`ConfigError` or :class:`CheckpointError`.
     """
-    files = resolve_model_files(checkpoint, config)
-    cfg = load_config(files.config)
-    if files.checkpoint is None:
+    return load_spec(ModelSpec.resolve(checkpoint, config), warn)
+
+
+def load_spec(spec: ModelSpec, warn=None) -> tuple[LLVC, ModelInfo]:
+    """The model ``spec`` names (see :func:`load_model`); its chunk factor does not matter here."""
+    info = ModelInfo(spec)
+    if spec.checkpoint is None:
         (warn or (lambda msg: print(msg, file=sys.stderr)))(UNTRAINED_WARNING)
-        return default_model(cfg), ModelInfo(f"llvc-default-untrained-seed{DEFAULT_SEED}",
-                                             None, files.config, trained=False)
-    path = files.checkpoint
+        return default_model(spec.config), info
+    path = spec.checkpoint
     sd = read_state_dict(path)
-    model = LLVC(cfg)
+    model = LLVC(spec.config)
     check_state_dict(model, sd, str(path))
     model.load_state_dict(sd, strict=True)  # copies into the float32 parameters: float16 storage is cast
-    return model.eval(), ModelInfo(checkpoint_model_id(path), path, files.config, trained=True, demo=files.demo)
+    return model.eval(), info

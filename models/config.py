@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
-SAMPLE_RATE = 16000
+from common.audio import SAMPLE_RATE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The config a checkpoint given without one is read with (upstream's architecture).
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "llvc.json"
@@ -72,6 +73,16 @@ class ModelConfig:
     def window_samples(self) -> int:
         """Samples in one decoder window (``dec_chunk_size * L``): the smallest chunk."""
         return self.dec_chunk_size * self.L
+
+    @property
+    def in_kernel(self) -> int:
+        """``in_conv``'s kernel: ``3L`` with lookahead (L past, L present, L future), else ``L``."""
+        return 3 * self.L if self.lookahead else self.L
+
+    @property
+    def left_pad(self) -> int:
+        """Zeros the offline forward puts before the first sample (``L`` with lookahead)."""
+        return self.L if self.lookahead else 0
 
     def to_json_dict(self) -> dict[str, Any]:
         """The config in upstream's layout (``model_params`` and ``data.sr``)."""
@@ -250,25 +261,3 @@ def resolve_model_files(checkpoint: str | Path | None, config: str | Path | None
         return ModelFiles(DEMO_CHECKPOINT, DEMO_CONFIG, demo=True)
     return ModelFiles(Path(checkpoint) if checkpoint else None,
                       Path(config) if config else DEFAULT_CONFIG_PATH, demo=False)
-
-
-def checkpoint_model_id(path: str | Path) -> str:
-    """The id a model loaded from the checkpoint file ``path`` goes by: ``llvc-<stem>-<sha256[:12]>``."""
-    path = Path(path)
-    return f"llvc-{path.stem}-{file_digest(path)[:12]}"
-
-
-def demo_description(model_id: str | None = None) -> str:
-    """How the embedded demo voice is named in messages (``model_id``: computed when not given)."""
-    if model_id is None:
-        try:
-            model_id = checkpoint_model_id(DEMO_CHECKPOINT)
-        except OSError as exc:  # loading it will say so in its own line
-            model_id = f"unreadable: {exc.strerror or exc}"
-    return (f"embedded demo voice {DEMO_CHECKPOINT.relative_to(REPO_ROOT)} "
-            f"({model_id}; see models/MODEL_CARD.md)")
-
-
-def demo_model_line(prog: str, model_id: str | None = None) -> str:
-    """The one line a command prints when it used the embedded demo voice (nothing given)."""
-    return f"{prog}: model: {demo_description(model_id)}"

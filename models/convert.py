@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from common.audio import AudioError, ensure_output_dir, find_audio_files, read_audio, write_wav_atomic
-from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP, demo_description, resolve_model_files
+from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP
+from models.geometry import check_chunk_factor
+from models.spec import ModelSpec, demo_description
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
     def fail(msg: str) -> None:
         print(f"llvc convert: error: {msg}", file=sys.stderr)
 
-    if args.chunk_factor < 1:
-        fail(f"--chunk-factor must be an integer >= 1, got {args.chunk_factor}")
+    try:
+        check_chunk_factor(args.chunk_factor)
+    except ValueError as exc:
+        fail(f"--chunk-factor: {exc}")
         return 2
     if args.threads is not None and args.threads < 1:
         fail(f"--threads must be >= 1, got {args.threads}")
@@ -97,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         jobs = _plan(Path(args.input), Path(args.out_dir))
-        model, engine, trained, described, runtime = _load(args)
-        sample_rate = engine.sample_rate if model is None else model.cfg.sample_rate
-        min_samples = engine.window_samples if model is None else model.cfg.window_samples
+        spec = ModelSpec.resolve(args.checkpoint, args.config, args.chunk_factor)
+        model, engine, trained, described, runtime = _load(args, spec)
+        geometry = spec.geometry
+        sample_rate, min_samples = geometry.sample_rate, geometry.window_samples
         out_root = ensure_output_dir(args.out_dir)
     except (ValueError, AudioError) as exc:  # ConfigError/CheckpointError/ArtifactError are ValueErrors
         fail(str(exc))
@@ -136,9 +141,9 @@ def run(args: argparse.Namespace) -> int:
         # Upstream infer.py's definitions: RTF = chunk duration / mean processing time,
         # e2e latency = (2L + chunk) / sr + mean processing time.
         print(f"RTF: {engine.chunk_s / avg:.3f}")
-        print(f"End-to-end latency: {1000 * (engine.algorithmic_latency_s + avg):.3f}ms "
+        print(f"End-to-end latency: {1000 * (geometry.algorithmic_latency_s + avg):.3f}ms "
               f"(upstream's definition; every sample in fact waits chunk + L = "
-              f"{1000 * engine.latency_s:g} ms + processing = {1000 * (engine.latency_s + avg):.3f}ms)")
+              f"{1000 * geometry.latency_s:g} ms + processing = {1000 * (geometry.latency_s + avg):.3f}ms)")
         print(f"per-chunk processing: p50 {1000 * np.percentile(t, 50):.3f} ms, "
               f"p95 {1000 * np.percentile(t, 95):.3f} ms over {len(t)} chunks")
     if not trained:
@@ -147,15 +152,15 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _torch_model(args: argparse.Namespace):
+def _torch_model(args: argparse.Namespace, spec: ModelSpec):
     """(model, streaming engine or None, trained, description, runtime line) on torch."""
     import torch
 
-    from models.checkpoint import load_model
+    from models.checkpoint import load_spec
     from models.streaming import StreamingEngine
 
     device = _resolve_device(args.device)
-    model, info = load_model(args.checkpoint, args.config)
+    model, info = load_spec(spec)
     # A streaming step is many small kernels: a second thread gains ~10% on an idle 2-core
     # machine, but OpenMP workers competing with any other busy process made steps 40-100x
     # slower (measured). One thread is the safe real-time default.
@@ -163,11 +168,11 @@ def _torch_model(args: argparse.Namespace):
     if threads is not None:
         torch.set_num_threads(threads)
     model = model.to(device).eval()
-    engine = StreamingEngine(model, args.chunk_factor, device) if args.stream else None
+    engine = StreamingEngine(model, spec.chunk_factor, device) if args.stream else None
     return model, engine, info.trained, info.describe(), f"device {device}, {torch.get_num_threads()} thread(s)"
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, spec: ModelSpec):
     """(model or None, engine or None, trained, description, runtime line) for the chosen backend.
 
     ``--backend auto`` matters only with ``--stream`` (see :func:`models.backends.resolve_backend`);
@@ -175,19 +180,19 @@ def _load(args: argparse.Namespace):
     """
     backend = "onnx" if args.onnx else args.backend
     if backend == "eager" or (backend == "auto" and not args.stream):
-        return _torch_model(args)
+        return _torch_model(args, spec)
     from models.backends import resolve_backend
 
     threads = args.threads or 1
-    chosen = resolve_backend(backend, args.device, args.onnx, args.checkpoint, args.config, args.chunk_factor,
-                             threads, setting="--backend", artifact_setting="--onnx")
+    chosen = resolve_backend(backend, args.device, args.onnx, spec, threads, setting="--backend",
+                             artifact_setting="--onnx")
     if chosen.engine is None:
-        loaded = _torch_model(args)
+        loaded = _torch_model(args, spec)
         if chosen.note:  # once torch has loaded the model: an error stays the one line
             print(f"llvc convert: {chosen.note}", file=sys.stderr)
         return loaded
     engine = chosen.engine
-    if resolve_model_files(args.checkpoint, args.config).demo:
+    if spec.demo:
         described = f"{demo_description(engine.model_id)}, artifact {chosen.artifact}"
     else:
         described = f"{engine.model_id} ({chosen.artifact})"

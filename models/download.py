@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common.files import atomic_path
+
 HUB_REPO = "KoeAI/llvc"
 CHECKPOINT_IN_SNAPSHOT = "models/checkpoints/llvc/G_500000.pth"
 # Where a config may sit in a snapshot, most specific first.
@@ -80,13 +82,10 @@ def install_from_snapshot(snapshot: Path, out_dir: Path) -> tuple[Path, Path]:
     installed = []
     for src, name in ((ckpt, ckpt.name), (config, "config.json")):
         dst = out_dir / name
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=f".{name}.", suffix=".tmp", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
         try:
-            shutil.copyfile(src, tmp_path)
-            tmp_path.replace(dst)
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
         except OSError as exc:
-            tmp_path.unlink(missing_ok=True)
             raise DownloadError(f"{dst}: cannot write ({exc.strerror or exc})") from None
         installed.append(dst)
     return installed[0], installed[1]

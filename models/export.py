@@ -1,4 +1,5 @@
-"""``llvc export``: the exact streaming step as a static-shape ONNX graph, for ONNX Runtime.
+"""The exact streaming step as a static-shape ONNX graph, for ONNX Runtime (``llvc export``'s
+library; the command is :mod:`models.export_command`).
 
 The graph is one step of :class:`models.streaming.StreamingEngine` with every piece of state
 as an explicit input and output: ``chunk [chunk_len]`` plus the state in, ``audio [chunk_len]``
@@ -17,23 +18,23 @@ are written under temporary names and renamed, so a failure leaves no partial ar
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import logging
 import os
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import ModelInfo, file_digest
-from .config import ARTIFACT_VERSION, CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP
+from common.files import atomic_files
+
+from .checkpoint import ModelInfo
+from .config import ARTIFACT_VERSION
 from .fast_step import FastStep
+from .geometry import StreamGeometry
 from .llvc import LLVC
 
 OPSET = 18
@@ -64,8 +65,8 @@ def model_hash(model: LLVC, info: ModelInfo) -> str:
     For the untrained seeded model (no file) it is the SHA-256 over the state dict instead: for each
     key in sorted order, the key's UTF-8 bytes then the tensor's float32 C-order bytes.
     """
-    if info.checkpoint is not None:
-        return file_digest(Path(info.checkpoint))
+    if info.spec.checkpoint_sha256 is not None:
+        return info.spec.checkpoint_sha256
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
@@ -83,7 +84,7 @@ class PrimeStep(nn.Module):
     def __init__(self, model: LLVC):
         super().__init__()
         self.model = model.eval()
-        self.context_len = model.in_kernel - model.L
+        self.context_len = StreamGeometry.of(model.cfg).context_len
 
     def forward(self, lead: Tensor, prenet: Tensor) -> tuple[Tensor, Tensor]:  # noqa: D102
         st = {"prenet": prenet.clone()}
@@ -138,16 +139,15 @@ def export_onnx(model: LLVC, info: ModelInfo, chunk_factor: int, out_path: str |
 
     Returns the ``.onnx`` path. Nothing is left at the destination if anything fails.
     """
-    if not isinstance(chunk_factor, int) or isinstance(chunk_factor, bool) or chunk_factor < 1:
-        raise ValueError(f"chunk_factor must be an integer >= 1, got {chunk_factor!r}")
     out = Path(out_path)
     if out.suffix != ".onnx":
         raise ValueError(f"{out}: output must end in .onnx")
     model = model.to("cpu").eval()
-    step = FastStep(model, chunk_factor)
+    step = FastStep(model, chunk_factor)  # checks the chunk factor (StreamGeometry.of)
+    geometry = step.geometry
     state = step.initial_state()
-    chunk = torch.zeros(step.chunk_len)
-    want_prime = model.has_prenet and step.context_len > 0
+    chunk = torch.zeros(geometry.chunk_len)
+    want_prime = model.has_prenet and geometry.context_len > 0
     shapes = {name: list(t.shape) for name, t in zip(step.state_names, state)}
     sidecar = {
         "artifact_version": ARTIFACT_VERSION,
@@ -157,11 +157,9 @@ def export_onnx(model: LLVC, info: ModelInfo, chunk_factor: int, out_path: str |
         "trained": info.trained,
         "config": model.cfg.to_json_dict(),
         "chunk_factor": chunk_factor,
-        "L": model.L,
-        "chunk_len": step.chunk_len,
-        "context_len": step.context_len,
-        "head_len": step.context_len - model.left_pad,
-        "sample_rate": model.cfg.sample_rate,
+        # For people reading the file: the engine derives these from config and chunk factor.
+        "geometry": {"chunk_len": geometry.chunk_len, "head_len": geometry.head_len,
+                     "context_len": geometry.context_len, "sample_rate": geometry.sample_rate},
         "state_names": step.state_names,
         "state_shapes": shapes,
         "prime_graph": prime_path(out).name if want_prime else None,
@@ -174,55 +172,11 @@ def export_onnx(model: LLVC, info: ModelInfo, chunk_factor: int, out_path: str |
     out.parent.mkdir(parents=True, exist_ok=True)
     # The sidecar goes last: whoever sees it sees the graphs it describes.
     finals = ([prime_path(out)] if want_prime else []) + [out, sidecar_path(out)]
-    temps = []
-    try:
-        for final in finals:
-            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{final.name}.", suffix=".tmp")
-            os.close(fd)
-            temps.append(Path(tmp))
+    with atomic_files(*finals) as temps:
         if want_prime:
-            _export(PrimeStep(model), (torch.zeros(step.context_len), model.convnet_pre.init_ctx(1)),
+            _export(PrimeStep(model), (torch.zeros(geometry.context_len), model.convnet_pre.init_ctx(1)),
                     ["lead", "prenet"], ["ctx", "new_prenet"], temps[0])
         _export(step, (chunk, *state), ["chunk", *step.state_names],
                 ["audio", *(f"new_{n}" for n in step.state_names)], temps[-2])
         temps[-1].write_text(json.dumps(sidecar, indent=2) + "\n")
-        for tmp, final in zip(temps, finals):
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; an artifact is meant to be shared
-            os.replace(tmp, final)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
     return out
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register ``llvc export``'s flags on ``p``."""
-    p.add_argument("-p", "--checkpoint", help="LLVC checkpoint (G_500000.pth or a bare state dict); "
-                   + CHECKPOINT_DEFAULT_HELP)
-    p.add_argument("-c", "--config", help=f"model config JSON in upstream format ({CONFIG_DEFAULT_HELP})")
-    p.add_argument("-n", "--chunk-factor", type=int, default=1,
-                   help="chunk = 13*16*N samples; the graph is fixed to this size (default 1: 13 ms)")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("-o", "--out", help="output path, must end in .onnx "
-                       "(the sidecar <out>.json and, with a pre-net, <out>.prime.onnx go beside it)")
-    where.add_argument("--cache", action="store_true", help="write into the artifact cache ($LLVC_CACHE_DIR, "
-                       "else $XDG_CACHE_HOME/llvc, else ~/.cache/llvc), where backend auto looks")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Execute ``llvc export``; returns the exit status."""
-    from .checkpoint import load_model
-
-    try:
-        model, info = load_model(args.checkpoint, args.config)
-        if args.cache:
-            from .backends import cached_artifact_path
-
-            args.out = cached_artifact_path(args.checkpoint, args.config, args.chunk_factor)
-        path = export_onnx(model, info, args.chunk_factor, args.out)
-    except Exception as exc:  # one line, whatever failed
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"llvc export: {msg}", file=sys.stderr)
-        return 1
-    print(f"llvc export: wrote {path} (chunk factor {args.chunk_factor}, {info.describe()})")
-    return 0

@@ -23,8 +23,8 @@ Runtime, 1 thread, chunk factor 1; design notes section 5):
 
 State (:attr:`FastStep.state_names`): ``ctx`` (the last ``2L`` pre-net outputs, ``[1, 1, 2L]``,
 absent without lookahead), ``prenet`` (the pre-net cache as the model lays it out, so the
-priming graph is shared), ``enc0..``, ``dec_kv`` (``[layers, 2, ctx_len, 2 * dec_dim]``: each layer's self- and cross-attention
-key/value projections of the last ``ctx_len`` frames) and ``out``
+priming graph is shared), ``enc0..``, ``dec_kv`` (``[layers, 2, ctx_len, 2 * dec_dim]``: each
+layer's self- and cross-attention key/value projections of the last ``ctx_len`` frames) and ``out``
 (``[out_buf_len, enc_dim]``). All zeros is the start of a stream.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .geometry import StreamGeometry
 from .llvc import LLVC, GatedResidualBlock
 
 
@@ -84,11 +85,11 @@ class FastStep(nn.Module):
     def __init__(self, model: LLVC, chunk_factor: int):
         super().__init__()
         model = model.eval()
-        cfg = model.cfg
+        self.geometry = StreamGeometry.of(model.cfg, chunk_factor)
         self.L = model.L
-        self.chunk_len = cfg.window_samples * chunk_factor
+        self.chunk_len = self.geometry.chunk_len
         self.frames = self.chunk_len // self.L
-        self.context_len = model.in_kernel - model.L
+        self.context_len = self.geometry.context_len
         self.taps = model.in_kernel // model.L
         self.perm = self._channel_order(model)
         with torch.no_grad():
@@ -224,18 +225,18 @@ class FastStep(nn.Module):
         e = frames
         for i in range(len(self.enc_lengths)):
             e, new[f"enc{i}"] = self._encoder_layer(i, e, st[f"enc{i}"])
-        l = e * self.label
+        labeled = e * self.label
         if self.proj:
             both = torch.relu((e.reshape(self.frames, 1, 2, -1) * self.w_e2d).sum(2) + self.b_e2d)
             mem, tgt = both[:, 0], both[:, 1]
         else:
-            mem, tgt = e, l
+            mem, tgt = e, labeled
         dec, new["dec_kv"] = self._decoder(tgt, mem, st["dec_kv"])
         if self.proj:
             m = torch.relu(dec.unsqueeze(1) * self.w_d2e + self.b_d2e).reshape(self.frames, -1)
         else:
             m = dec
-        mask = l + m if self.skip else m
+        mask = labeled + m if self.skip else m
         audio, new["out"] = self._out_conv(frames * mask, st["out"])
         return (audio, *(new[k] for k in self.state_names))
 

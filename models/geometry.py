@@ -1,25 +1,54 @@
-"""Timing properties shared by the streaming engines (torch-free, so light services can use it)."""
+"""A stream's geometry: chunk, head and context lengths and the latencies they imply.
+
+Every one of these numbers is derived here, from a model config and a chunk factor
+(:meth:`StreamGeometry.of`), and everything else reads it: the engines, the export and its
+sidecar, capture's framing, inference's re-framing, the benchmarks. Torch-free, so light services
+(capture, the ONNX path) use it without importing torch.
+"""
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
+from .config import ModelConfig
 
 
+def check_chunk_factor(value: Any) -> int:
+    """``value`` if it is a chunk factor (an int >= 1, not a bool), else ``ValueError`` (one line)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"chunk_factor must be an integer >= 1, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
 class StreamGeometry:
-    """Latency bookkeeping of an engine that converts ``head + chunk_0 + chunk_1 + ...``.
+    """How one stream is cut for an engine that converts ``head + chunk_0 + chunk_1 + ...``.
 
-    Subclasses set ``chunk_len`` (samples per ``process()`` call), ``head_len`` (samples the
-    stream starts with, L with lookahead), ``context_len`` (``in_conv`` context, 2L) and
-    ``sample_rate``, and keep ``_primed``. These are the numbers other code reads; nothing
-    repeats them.
+    ``chunk_len``: samples per ``process()`` call (whole decoder windows, so windows stay on
+    offline's grid). ``head_len``: samples the stream starts with, given to ``prime()`` (L with
+    lookahead, else 0). ``context_len``: samples of ``in_conv`` context carried between chunks
+    (2L with lookahead). Build it with :meth:`of`; constructing it directly is for tests of odd
+    geometries.
     """
 
     chunk_len: int
     head_len: int
     context_len: int
     sample_rate: int
-    _primed: bool = False
+    chunk_factor: int = 1
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, chunk_factor: int = 1) -> StreamGeometry:
+        """The geometry of ``cfg``'s model streamed at ``chunk_factor`` (checked here, once)."""
+        check_chunk_factor(chunk_factor)
+        context_len = cfg.in_kernel - cfg.L
+        return cls(chunk_len=cfg.window_samples * chunk_factor, head_len=context_len - cfg.left_pad,
+                   context_len=context_len, sample_rate=cfg.sample_rate, chunk_factor=chunk_factor)
+
+    @property
+    def window_samples(self) -> int:
+        """One decoder window (the chunk at chunk factor 1): the shortest input convertible."""
+        return self.chunk_len // self.chunk_factor
 
     @property
     def delay_samples(self) -> int:
@@ -51,33 +80,10 @@ class StreamGeometry:
         return self.chunk_len / self.sample_rate
 
     @property
-    def primed(self) -> bool:
-        """Whether the stream head has been consumed (by ``prime()`` or the first chunk)."""
-        return self._primed
+    def chunk_ms(self) -> float:
+        """Duration of one chunk in milliseconds."""
+        return 1000.0 * self.chunk_s
 
-    def convert(self, signal: np.ndarray, on_chunk=None) -> np.ndarray:
-        """Stream a whole signal and return its conversion, aligned and of the same length.
-
-        Uses the subclass's ``reset``/``prime``/``process``: resets the engine, primes it with
-        the signal's head and feeds the rest chunk by chunk, zero-padded at the end so the last
-        samples' lookahead is there. Because the head went
-        in through :meth:`prime`, output sample ``m`` is the conversion of input sample ``m``.
-        ``on_chunk(seconds)`` is called with each chunk's processing time. Equals the offline
-        forward except in the final partial decoder window (offline pads it with zero frames,
-        a live stream never ends).
-        """
-        x = np.asarray(signal, dtype=np.float32)
-        n, C, H = len(x), self.chunk_len, self.head_len
-        self.reset()
-        self.prime(x[:H] if n >= H else np.pad(x, (0, H - n)))
-        body = x[H:]
-        n_chunks = -(-n // C)
-        padded = np.zeros(n_chunks * C, dtype=np.float32)
-        padded[: len(body)] = body
-        out = np.empty(n_chunks * C, dtype=np.float32)
-        for k in range(n_chunks):
-            t0 = time.perf_counter()
-            out[k * C:(k + 1) * C] = self.process(padded[k * C:(k + 1) * C])
-            if on_chunk is not None:
-                on_chunk(time.perf_counter() - t0)
-        return out[:n]
+    def samples(self, ms: float) -> int:
+        """``ms`` milliseconds as a whole number of samples at this sample rate."""
+        return round(ms * self.sample_rate / 1000)

@@ -282,12 +282,12 @@ class MaskNet(nn.Module):
     def forward(self, x: Tensor, label: Tensor, enc_ctx: Tensor, dec_ctx: Tensor) -> Tensor:
         """Mask for frames ``x`` ``[B, enc_dim, T]`` given the label embedding ``[B, enc_dim]``."""
         e = self.encoder(x, enc_ctx)
-        l = label.unsqueeze(2) * e
+        labeled = label.unsqueeze(2) * e
         if self.proj:
-            m = self.proj_d2e(self.decoder(self.proj_e2d_l(l), self.proj_e2d_e(e), dec_ctx))
+            m = self.proj_d2e(self.decoder(self.proj_e2d_l(labeled), self.proj_e2d_e(e), dec_ctx))
         else:
-            m = self.decoder(l, e, dec_ctx)
-        return l + m if self.skip_connection else m
+            m = self.decoder(labeled, e, dec_ctx)
+        return labeled + m if self.skip_connection else m
 
 
 # --------------------------------------------------------------------------- network
@@ -323,13 +323,13 @@ class LLVC(nn.Module):
     # Geometry of the input side, read by the streaming engine.
     @property
     def in_kernel(self) -> int:
-        """``in_conv`` kernel: ``3L`` with lookahead (L past, L present, L future), else ``L``."""
-        return 3 * self.L if self.lookahead else self.L
+        """``in_conv`` kernel (:attr:`ModelConfig.in_kernel`)."""
+        return self.cfg.in_kernel
 
     @property
     def left_pad(self) -> int:
-        """Zeros the offline forward puts before the first sample (``L`` with lookahead)."""
-        return self.L if self.lookahead else 0
+        """Offline's left padding (:attr:`ModelConfig.left_pad`)."""
+        return self.cfg.left_pad
 
     @property
     def has_prenet(self) -> bool:

@@ -8,7 +8,8 @@ FFT sizes 1024/2048/512, hops 120/240/50, windows 600/1200/240, 80 mels.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ class SpectralLoss(nn.Module):
 
     @classmethod
     def from_config(cls, raw: dict[str, Any], sr: int = 16000, mel_weight: float = 1.0,
-                    acf_weight: float = 0.0) -> "SpectralLoss":
+                    acf_weight: float = 0.0) -> SpectralLoss:
         """Resolutions and mel settings from an upstream config's ``aux_mel.params`` (if any)."""
         params = (raw.get("aux_mel") or {}).get("params") or {}
         try:

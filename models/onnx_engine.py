@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
+from .config import ConfigError, parse_config
+from .engine import EngineBase
 from .geometry import StreamGeometry
+
+if TYPE_CHECKING:
+    from .spec import ModelSpec
 
 
 class ArtifactError(ValueError):
@@ -41,7 +46,7 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
         raise ArtifactError(f"{path}: not a loadable ONNX graph ({str(exc).strip()[:200]})") from None
 
 
-class OnnxEngine(StreamGeometry):
+class OnnxEngine(EngineBase):
     """One stream's state and the exact streaming step, run by ONNX Runtime.
 
     Build it with :meth:`load`. Output equals the eager engine's to float rounding.
@@ -51,12 +56,11 @@ class OnnxEngine(StreamGeometry):
                  meta: dict[str, Any], path: Path | None = None):
         self.path = path
         self.meta = meta
-        self.chunk_factor = int(meta["chunk_factor"])
-        self.L = int(meta["L"])
-        self.sample_rate = int(meta["sample_rate"])
-        self.chunk_len = int(meta["chunk_len"])
-        self.context_len = int(meta["context_len"])
-        self.head_len = int(meta["head_len"])
+        try:  # derived from the config the graph was made from, as every engine derives it
+            self.geometry = StreamGeometry.of(parse_config(meta["config"], f"{path} sidecar"),
+                                              meta["chunk_factor"])
+        except (ConfigError, ValueError) as exc:
+            raise ArtifactError(f"{path}: sidecar describes no usable model ({exc})") from None
         self.checkpoint_sha256 = meta["checkpoint_sha256"]
         self._step, self._prime = step, prime
         self._names = list(meta["state_names"])
@@ -67,7 +71,7 @@ class OnnxEngine(StreamGeometry):
 
     @classmethod
     def load(cls, path: str | Path, threads: int = 1, expect_checkpoint_hash: str | None = None,
-             expect_chunk_factor: int | None = None, expect_config: dict | None = None) -> "OnnxEngine":
+             expect_chunk_factor: int | None = None, expect_config: dict | None = None) -> OnnxEngine:
         """Load the artifact at ``path`` (the ``.onnx``; its sidecar ``.json`` must be beside it).
 
         ``threads`` is ONNX Runtime's intra-op thread count. Each ``expect_*`` given must match
@@ -98,24 +102,16 @@ class OnnxEngine(StreamGeometry):
         return cls(_session(path, threads), prime, meta, path)
 
     @classmethod
-    def for_model(cls, path: str | Path, checkpoint: str | Path | None, config: str | Path | None,
-                  chunk_factor: int, threads: int = 1) -> "OnnxEngine":
+    def for_model(cls, path: str | Path, spec: ModelSpec, threads: int = 1) -> OnnxEngine:
         """Load the artifact at ``path`` for the model a command or service was told to run.
 
-        ``checkpoint`` and ``config`` as given (``None``/empty: not given) resolve as
-        :func:`models.config.resolve_model_files` says (neither: the embedded demo voice; only a
-        config: the untrained seeded model), and what they resolve to is checked against the
-        sidecar without torch: the checkpoint by its file's SHA-256. Anything that differs is a
-        stale artifact (:class:`ArtifactError`).
+        What ``spec`` resolves to is checked against the sidecar without torch: the checkpoint
+        by its file's SHA-256, the config and the chunk factor. Anything that differs is a stale
+        artifact (:class:`ArtifactError`).
         """
-        from .config import file_digest, load_config, resolve_model_files
-
-        files = resolve_model_files(checkpoint, config)
-        expect_hash = file_digest(files.checkpoint) if files.checkpoint else None
-        engine = cls.load(path, threads=threads, expect_checkpoint_hash=expect_hash,
-                          expect_chunk_factor=chunk_factor,
-                          expect_config=load_config(files.config).to_json_dict())
-        if files.untrained and engine.meta.get("checkpoint"):
+        engine = cls.load(path, threads=threads, expect_checkpoint_hash=spec.checkpoint_sha256,
+                          expect_chunk_factor=spec.chunk_factor, expect_config=spec.config.to_json_dict())
+        if spec.untrained and engine.meta.get("checkpoint"):
             raise ArtifactError(f"{path}: stale artifact: made from {engine.meta['checkpoint']}, but the "
                                 "model asked for is the untrained seeded model (a config, no checkpoint)")
         return engine
@@ -129,11 +125,6 @@ class OnnxEngine(StreamGeometry):
     def trained(self) -> bool:
         """False for an artifact of the untrained seeded model."""
         return bool(self.meta.get("trained"))
-
-    @property
-    def window_samples(self) -> int:
-        """One decoder window (the chunk at chunk factor 1): the shortest input convertible."""
-        return self.chunk_len // self.chunk_factor
 
     # ------------------------------------------------------------------ control
     def reset(self) -> None:
@@ -149,19 +140,19 @@ class OnnxEngine(StreamGeometry):
         if self.context_len:
             lead = np.zeros(self.context_len, dtype=np.float32)
             if head is not None and self.head_len:
-                lead[self.context_len - self.head_len:] = self._as_array(head, self.head_len, "head")
+                lead[self.context_len - self.head_len:] = self.checked(head, self.head_len, "head")
             if self._prime is not None:
                 ctx, prenet = self._prime.run(None, {"lead": lead, "prenet": self._state["prenet"]})
                 self._state["ctx"], self._state["prenet"] = ctx, prenet
             else:  # no pre-net: the context is the (padded) head itself
                 self._state["ctx"] = lead.reshape(1, 1, -1)
         elif head is not None:
-            self._as_array(head, self.head_len, "head")
+            self.checked(head, self.head_len, "head")
         self._primed = True
 
     def process(self, chunk: np.ndarray) -> np.ndarray:
         """Convert exactly ``chunk_len`` new samples; returns ``chunk_len`` float32 samples."""
-        x = self._as_array(chunk, self.chunk_len, "chunk")
+        x = self.checked(chunk, self.chunk_len, "chunk")
         if not self._primed:
             self.prime(None)
         feeds = {"chunk": x, **self._state}
@@ -174,17 +165,8 @@ class OnnxEngine(StreamGeometry):
         """False if any buffer holds NaN/Inf (the stream then needs a reset)."""
         return all(bool(np.isfinite(b).all()) for b in self._state.values())
 
-    # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _as_array(samples, n: int, what: str) -> np.ndarray:
-        a = np.asarray(samples)
-        if a.ndim != 1 or a.shape[0] != n:
-            raise ValueError(f"{what} must be 1-D with exactly {n} samples, got shape {a.shape}")
-        return np.ascontiguousarray(a, dtype=np.float32)
 
-
-_REQUIRED = ("checkpoint_sha256", "config", "chunk_factor", "L", "chunk_len", "context_len",
-             "head_len", "sample_rate", "state_names", "state_shapes")
+_REQUIRED = ("checkpoint_sha256", "config", "chunk_factor", "state_names", "state_shapes")
 
 
 def read_sidecar(onnx_path: str | Path) -> dict[str, Any]:

@@ -30,11 +30,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .engine import EngineBase
 from .geometry import StreamGeometry
 from .llvc import LLVC
 
 
-class StreamingEngine(StreamGeometry):
+class StreamingEngine(EngineBase):
     """One stream's state and the exact streaming step.
 
     By default the step is :class:`models.fast_step.FastStep`: the model's own weights laid out
@@ -51,19 +52,9 @@ class StreamingEngine(StreamGeometry):
 
     def __init__(self, model: LLVC, chunk_factor: int = 1, device: str | torch.device = "cpu",
                  restructured: bool = True):
-        if not isinstance(chunk_factor, int) or isinstance(chunk_factor, bool) or chunk_factor < 1:
-            raise ValueError(f"chunk_factor must be an integer >= 1, got {chunk_factor!r}")
+        self.geometry = StreamGeometry.of(model.cfg, chunk_factor)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.chunk_factor = chunk_factor
-        self.L = model.L
-        self.sample_rate = model.cfg.sample_rate
-        #: Samples per process() call: whole decoder windows, so windows stay on offline's grid.
-        self.chunk_len = model.cfg.window_samples * chunk_factor
-        #: Samples of ``in_conv`` context carried between chunks (2L with lookahead).
-        self.context_len = model.in_kernel - model.L
-        #: Length of the stream head that :meth:`prime` takes (L with lookahead, else 0).
-        self.head_len = self.context_len - model.left_pad
         self._fast = None
         if restructured:
             from .fast_step import FastStep

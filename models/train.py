@@ -23,15 +23,15 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from common.files import atomic_path, write_atomic
 
 SR = 16000
 LOG_COLUMNS = ("step", "loss", "sc", "log_mag", "lin_mag", "mel", "acf", "lr", "steps_per_s", "val_loss")
@@ -114,26 +114,12 @@ def sample_batch(pairs: list[Pair], rng: np.random.Generator, batch: int, seg: i
 
 
 # --------------------------------------------------------------------------- files
-def _atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``; the temp file never survives a failure."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def save_torch(obj, path: Path) -> None:
+    """``torch.save`` atomically (:func:`common.files.atomic_path`)."""
     import torch
 
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def latest_step(out: Path) -> int | None:
@@ -148,7 +134,7 @@ def write_log(out: Path, rows: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    write_text(out / "train_log.csv", buf.getvalue())
+    write_atomic(out / "train_log.csv", buf.getvalue())
 
 
 def read_log(out: Path, upto: int) -> list[dict]:
@@ -184,7 +170,8 @@ def plot_losses(out: Path, rows: list[dict]) -> bool:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _atomic(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    with atomic_path(out / "loss.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return True
 
@@ -311,7 +298,7 @@ def train(args) -> int:
     else:
         start, rows = 0, []
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.json", json.dumps(raw, indent=2) + "\n")
+        write_atomic(out / "config.json", json.dumps(raw, indent=2) + "\n")
 
     n_val = int(round(args.val_seconds * SR))
     val = [tuple(torch.from_numpy(a).view(1, 1, -1).to(device) for a in read_pair(p, 0, min(p.frames, n_val)))

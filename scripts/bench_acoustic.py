@@ -25,14 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+from services.lab.acoustic import Recorder, burst_train, measure, play
+from services.lab.endpoints import private_sets
+from services.lab.harness import RunningPipeline
+from services.lab.pulse import PulseServer
 
-from acoustic import Recorder, burst_train, measure, play  # noqa: E402
-from bus_helpers import endpoint_overrides, free_port  # noqa: E402
-from harness import RunningPipeline  # noqa: E402
-from pulse import PulseServer  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def one_setting(srv, factor: int, bursts: int, model_args: list[str], extra: list[str], work: Path) -> dict:
@@ -41,7 +39,7 @@ def one_setting(srv, factor: int, bursts: int, model_args: list[str], extra: lis
     rec_b = Recorder("llvc_out.monitor", work / "b.npz", srv.env)
     rec_a.wait_ready()
     rec_b.wait_ready()
-    sets = [*endpoint_overrides("tcp"), f"monitor.metrics_port={free_port()}"]
+    sets = private_sets()
     env = {**srv.env, "PULSE_SOURCE": "llvc_in.monitor", "PULSE_SINK": "llvc_out"}
     try:
         with RunningPipeline(work / "run", ["--source", "device:", "--sink", "device:", "-n", str(factor),
@@ -58,7 +56,8 @@ def one_setting(srv, factor: int, bursts: int, model_args: list[str], extra: lis
     m = measure(a, b)
     base = {"chunk_factor": factor, "underruns": counters.get("underruns"),
             "dropped_late": counters.get("dropped_late"), "report_e2e": (report or {}).get("e2e_latency_ms"),
-            "inference_ms": (report or {}).get("inference_ms"), "backend": ((report or {}).get("model") or {}).get("backend")}
+            "inference_ms": (report or {}).get("inference_ms"),
+            "backend": ((report or {}).get("model") or {}).get("backend")}
     if not m.latencies_ms:
         return {**base, "error": f"no burst came through ({m.missed} missed)"}
     lo, hi = min(m.times_ns), max(m.times_ns)
@@ -99,7 +98,8 @@ def main() -> int:
         return 0
     print(f"acoustic e2e through PulseAudio null sinks (passthrough model), {args.bursts} bursts per setting")
     print(f"{'cf':>3} {'bursts':>6} {'acoustic p50':>13} {'p95':>7} {'monitor p50':>12} {'diff':>6} "
-          f"{'underruns':>9} {'late':>5} {'corr':>6} | LLVC: {'monitor p50':>11} {'p99':>6} {'inf p50':>7} {'underruns':>9}")
+          f"{'underruns':>9} {'late':>5} {'corr':>6} | LLVC: {'monitor p50':>11} {'p99':>6} {'inf p50':>7} "
+          f"{'underruns':>9}")
     for r in rows:
         llvc = r.get("llvc") or {}
         e2e = llvc.get("report_e2e") or {}

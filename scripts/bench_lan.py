@@ -23,10 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+from services.lab import netlab
 
-import netlab  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
@@ -66,7 +65,8 @@ def main() -> int:
         print(r.row())
     print()
     for r, _ in results:
-        same = "all pids unchanged" if r.pids_after == r.pids_before else f"PIDS CHANGED {r.pids_before} -> {r.pids_after}"
+        same = ("all pids unchanged" if r.pids_after == r.pids_before
+                else f"PIDS CHANGED {r.pids_before} -> {r.pids_after}")
         print(f"{r.scenario}: drops {r.drops or 'none'}; {same}; {r.notes or ''}")
     return 0
 

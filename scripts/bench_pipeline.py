@@ -55,7 +55,8 @@ def main() -> int:
         e, inf = r["e2e_latency_ms"], r["inference_ms"]
         drops = sum(r["dropped"].values()) if isinstance(r["dropped"], dict) else r["dropped"]
         under_pct = 100.0 * r["underruns"] / max(r["chunks"], 1)
-        print(f"{factor:>3} {13 * factor:>8} {r['algorithmic_latency_ms']:>8.1f} {e['p50']:>8.2f} {e['p95']:>7.2f} "
+        print(f"{factor:>3} {r['model']['chunk_ms']:>8g} {r['algorithmic_latency_ms']:>8.1f} {e['p50']:>8.2f} "
+              f"{e['p95']:>7.2f} "
               f"{e['p99']:>7.2f} {e['max']:>7.2f} {r['underruns']:>9} {under_pct:>8.3f} {drops:>6} "
               f"{inf['p50']:>8.2f} {inf['p95']:>8.2f} {r['rtf']:>6.2f}")
     return 0

@@ -19,14 +19,11 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import msgpack
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from common.protocol import (  # noqa: E402
+from common.protocol import (
     AudioChunk,
     StageRecord,
     decode,

@@ -22,11 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models.checkpoint import load_model  # noqa: E402
-from models.dataset import make_dataset  # noqa: E402
-from models.quality import evaluate_clip, format_table, read_split, to_json  # noqa: E402
+from models.checkpoint import load_model
+from models.dataset import make_dataset
+from models.quality import evaluate_clip, format_table, read_split, to_json
 
 
 def main() -> int:

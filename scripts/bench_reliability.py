@@ -24,19 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common.telemetry import Heartbeat, InferenceChunk
+from models.spec import ModelSpec
+from services.inference import SLOW_STEP_ENV
+from services.lab.endpoints import private_sets
+from services.lab.harness import RunningPipeline, e2e_stats, restart_fault
 
-from bus_helpers import endpoint_overrides, free_port  # noqa: E402
-from harness import RunningPipeline, e2e_stats, restart_fault  # noqa: E402
-
-CHUNK_MS = 13.0
+CHUNK_MS = ModelSpec.resolve(None, None).geometry.chunk_ms  # the default model's, at chunk factor 1
 SERVICES = ("capture", "playback", "inference", "monitor")
 
 
-def pipeline(args: list[str], *extra: str) -> RunningPipeline:
-    sets = [*endpoint_overrides("tcp"), f"monitor.metrics_port={free_port()}", *extra]
+def pipeline(args: list[str], *extra: str, env: dict[str, str] | None = None) -> RunningPipeline:
     run_dir = Path(tempfile.mkdtemp(prefix="llvc-bench-rel-")) / "run"
-    return RunningPipeline(run_dir, ["--source", "tone", "--sink", "null", *args], sets)
+    return RunningPipeline(run_dir, ["--source", "tone", "--sink", "null", *args], private_sets(*extra), env=env)
 
 
 def fmt(v, digits: int = 1) -> str:
@@ -87,9 +87,8 @@ def bench_restarts(repeat: int) -> list[dict]:
 
 # --------------------------------------------------------------------------- overload
 def bench_overload(delay_ms: float = 20.0, seconds: float = 10.0) -> dict:
-    """Inference slowed to ``delay_ms`` per 13 ms step for ``seconds``, then normal again."""
-    with pipeline([], f"inference.debug_delay_ms={delay_ms}", f"inference.debug_delay_s={seconds}",
-                  "monitor.status_interval_s=0.5") as p:
+    """Inference slowed to ``delay_ms`` per step (13 ms chunks) for ``seconds``, then normal again."""
+    with pipeline([], "monitor.status_interval_s=0.5", env={SLOW_STEP_ENV: f"{delay_ms}:{seconds}"}) as p:
         obs = p.observer
         p.wait_streaming(1)
         t0 = time.monotonic_ns()
@@ -108,7 +107,7 @@ def bench_overload(delay_ms: float = 20.0, seconds: float = 10.0) -> dict:
         counters_i, counters_p = obs.counters("inference"), obs.counters("playback")
         overloaded = obs.events("overloaded", "monitor")
         report = p.stop()
-    steps = obs.select("chunk", "inference")
+    steps = obs.select(InferenceChunk, "inference")
     t_first = steps[0][0] if steps else t0  # the slowdown starts with the first step
     out = {"delay_ms": delay_ms, "during": during, "after": after,
            "said_overloaded_after_ms": (overloaded[0][0] - t_first) / 1e6 if overloaded else None,
@@ -117,11 +116,12 @@ def bench_overload(delay_ms: float = 20.0, seconds: float = 10.0) -> dict:
            "backlog_dropped": counters_i.get("dropped_inference_backlog"),
            "late_dropped": counters_p.get("dropped_late"), "timeline_grows": counters_p.get("timeline_grows"),
            "overload": report["overload"] if report else None}
-    print(f"\nOverload: inference {delay_ms:g} ms per 13 ms step for {seconds:g} s")
+    print(f"\nOverload: inference {delay_ms:g} ms per {CHUNK_MS:g} ms step for {seconds:g} s")
     print_table(["phase", "chunks played", "e2e p50 ms", "e2e p99 ms"],
                 [["during", str(during["n"]), fmt(during["p50"]), fmt(during["p99"])],
                  ["after (from clear + 2 s)", str(after["n"]), fmt(after["p50"]), fmt(after["p99"])]])
-    print(f"monitor said overloaded {fmt(out['said_overloaded_after_ms'], 0)} ms after the first slow step; latency <= 40 ms again {fmt(out['back_to_normal_after_clear_ms'], 0)} ms after it cleared; "
+    print(f"monitor said overloaded {fmt(out['said_overloaded_after_ms'], 0)} ms after the first slow step; "
+          f"latency <= 40 ms again {fmt(out['back_to_normal_after_clear_ms'], 0)} ms after it cleared; "
           f"inference RSS {out['rss_mb_min_max'][0]:.1f}-{out['rss_mb_min_max'][1]:.1f} MB; "
           f"backlog chunks dropped {out['backlog_dropped']}, late chunks dropped {out['late_dropped']}, "
           f"timeline grew {out['timeline_grows']} times")
@@ -189,17 +189,17 @@ def drop_episodes(obs, since_ns: int) -> list[dict]:
     processing spike explains it; otherwise the cause is scheduling or transport (no step was
     slow, so a process was not run in time).
     """
-    beats = [(t, m) for t, m in obs.select("heartbeat", "playback", since_ns)]
-    steps = [(t, m.data.get("proc_ms", 0.0)) for t, m in obs.select("chunk", "inference", since_ns)]
+    beats = [(t, m) for t, m in obs.select(Heartbeat, "playback", since_ns)]
+    steps = [(t, m.proc_ms) for t, m in obs.select(InferenceChunk, "inference", since_ns)]
     typical = float(np.median([ms for _, ms in steps])) if steps else 0.0
     out = []
     for (t0, a), (t1, b) in zip(beats, beats[1:]):
-        ca, cb = a.data.get("counters", {}), b.data.get("counters", {})
+        ca, cb = a.counters, b.counters
         late = cb.get("dropped_late", 0) - ca.get("dropped_late", 0)
         under = cb.get("underruns", 0) - ca.get("underruns", 0)
         if a.pid != b.pid or (late <= 0 and under <= 0):
             continue
-        target = b.data.get("target_ms", 6.0)
+        target = b.status.target_ms
         near = [ms for t, ms in steps if t0 - 300_000_000 <= t <= t1]
         worst = max(near, default=0.0)
         cause = ("inference step spike (> typical + target_ms)" if worst > typical + target

@@ -14,17 +14,13 @@ the mean CPU time per block (soxr does its work in bursts: most calls only buffe
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import soxr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from services.resample import StreamResampler  # noqa: E402
-from services.sinks import PLAYBACK_STOPBAND  # noqa: E402
+from services.resample import StreamResampler
+from services.sinks import PLAYBACK_STOPBAND
 
 
 def run(make, delay: int, rate_in: int, rate_out: int, block: int, seconds: float = 20.0):

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models.quality import read_split  # noqa: E402
-from models.train import TrainError, save_float16  # noqa: E402
+from models.quality import read_split
+from models.train import TrainError, save_float16
 
 
 def main() -> int:

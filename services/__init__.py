@@ -3,6 +3,9 @@
 How a stream flows (the contract between the services)
 =======================================================
 
+What each service publishes on its telemetry PUB is :mod:`common.telemetry`'s records (typed,
+versioned, one decode path); the names below are theirs.
+
 Timeline. Every audio chunk carries ``offset``: the stream sample index of its first sample.
 Output sample ``i`` of the pipeline is the conversion of source sample ``i`` (the same offset),
 so playback can place converted audio on the source's timeline and a file sink is aligned to
@@ -20,9 +23,10 @@ capture (``services/capture.py``)
     ``t0 + offset / sr``).
   * A file source that ends sets ``source_end`` (total source samples) on its last chunk, pads
     that chunk with zeros, then sends 2 more chunks of zeros (so the last samples get their
-    lookahead) carrying ``source_end`` too, publishes ``event.capture {"event": "eof",
-    "stream_id", "source_end"}`` and then sends nothing (it does not exit: supervisord would
-    restart it). With ``loop = true`` the file starts over inside the same stream instead.
+    lookahead) carrying ``source_end`` too, publishes ``event.capture``
+    (:class:`~common.telemetry.Eof`: ``stream_id``, ``source_end``) and then sends nothing (it
+    does not exit: supervisord would restart it). With ``loop = true`` the file starts over
+    inside the same stream instead.
   * A failed send (no peer, queue full) is a drop: counter ``dropped_capture_send``; ``seq`` and
     ``offset`` advance anyway, so downstream sees the gap.
 
@@ -51,8 +55,9 @@ inference (``services/inference.py``)
     audio nobody hears and add latency right when the pipeline is recovering.
   * Backlog above ``max_backlog_ms`` → drop the oldest input, counter
     ``dropped_inference_backlog`` (in chunks), reset. Non-finite output → reset (``non_finite``).
-  * Publishes ``chunk.inference {"stream_id", "seq", "offset", "proc_ms", "rtf",
-    "queue_chunks", "reset"}`` per output chunk; heartbeat status carries ``model``,
+  * Publishes ``chunk.inference`` (:class:`~common.telemetry.InferenceChunk`: ``stream_id``,
+    ``seq``, ``offset``, ``proc_ms``, ``rtf``, ``queue_chunks``, ``reset``) per output chunk; its
+    heartbeat status (:class:`~common.telemetry.InferenceStatus`) carries ``model``,
     ``untrained``, ``chunk_len``, ``algorithmic_latency_ms``, ``latency_ms``, ``device``.
 
 playback (``services/playback.py``)
@@ -77,12 +82,14 @@ playback (``services/playback.py``)
   * e2e latency of a chunk = time its first sample reaches the output − its ``t_capture_ns``
     (same host clock; on different hosts this is meaningless, so the monitor must run the
     latency figures from playback on the capture host). Published as
-    ``chunk.playback {"stream_id", "seq", "offset", "e2e_ms", "fill_ms"}``.
+    ``chunk.playback`` (:class:`~common.telemetry.PlaybackChunk`: ``stream_id``, ``seq``,
+    ``offset``, ``e2e_ms``, ``fill_ms``), and each chunk's header as received
+    (``audio.playback``, :class:`~common.telemetry.AudioHeader`: every stage record).
   * When the read position passes a stream's ``source_end``: ``event.playback {"event":
     "drained", "stream_id", "source_end"}``; a file sink then has exactly ``source_end``
     samples for that stream.
 
-monitor (``services/monitor.py``)
+monitor (``services/monitor/``)
   * Subscribes to all telemetry; status line every few seconds (also published as
     ``event.monitor {"event": "status", "line"}``); Prometheus ``/metrics``; a JSON report on
     shutdown.

@@ -1,36 +1,45 @@
-"""What every pipeline service shares: settings, logging, the run loop, heartbeats.
+"""What every pipeline service shares: the model settings, logging, the run loop, heartbeats, and
+the bookkeeping of counters and rate-limited reports.
 
 A service is a small class with :meth:`Service.setup`, :meth:`Service.loop_once` and
 :meth:`Service.teardown`. :func:`run_service` installs signal handlers that only set a flag,
-publishes a heartbeat (with the service's cumulative counters) every
-``bus.heartbeat_interval_s``, and stops within a second of SIGTERM/SIGINT because
-``loop_once`` never blocks for more than ~100 ms.
-
-Telemetry conventions (the monitor and ``llvc run`` rely on them):
-
-* ``heartbeat.<service>``: ``{"ready": bool, "counters": {name: int}, ...status}``; counters are
-  cumulative since this process started (the monitor adds up across restarts by pid). Counter
-  names ``dropped_<cause>`` are drops by cause.
-* ``event.<service>``: ``{"event": name, ...}`` for things that happen (``stream_start``,
-  ``reset``, ``underrun``, ``eof``, ``drained``, ``reject``, ``status``, ...).
-* ``chunk.<service>``: per-chunk timing (inference: ``proc_ms``; playback: ``e2e_ms``).
+publishes a :class:`~common.telemetry.Heartbeat` (readiness, counters, the service's status)
+every ``bus.heartbeat_interval_s``, flushes rate-limited reports after every turn, and stops
+within a second of SIGTERM/SIGINT because ``loop_once`` never blocks for more than ~100 ms.
+What services publish is :mod:`common.telemetry`'s records, nothing else.
 
 Logs: one line per record on stderr, ``<iso time> <service> <LEVEL> <message> key=value ...``.
+Under ``llvc run`` (``LLVC_RUN_DIR`` set) a process also leaves ``<service>.exit.json`` in the
+run folder when it ends: its pid, exit status and, for a failed setup (status 2), the one-line
+reason; ``llvc run`` reads it to tell a configuration error from a crash.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from types import SimpleNamespace
-from typing import Any, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 from common.config import PipelineConfig, PipelineConfigError, add_config_arguments, config_from_args
+from common.files import write_atomic
+from common.settings import at_least, one_of, setting
+from common.telemetry import Counter, Event, Heartbeat, Record, Reject
+
+#: Exit status of a service whose setup failed (bad config, missing file, port in use).
+SETUP_FAILED = 2
+#: Exit status after too many consecutive loop errors (supervisord starts it again).
+LOOP_FAILED = 1
+#: Consecutive loop errors that end the process.
+MAX_LOOP_ERRORS = 100
+#: Frequent trouble (underruns, drops, rejects, resets) is reported at most this often per kind.
+REPORT_INTERVAL_S = 0.5
 
 
 # --------------------------------------------------------------------------- logging
@@ -42,113 +51,68 @@ def _fmt_value(v: Any) -> str:
 
 def log(service: str, level: str, message: str, **fields: Any) -> None:
     """Write one structured log line to stderr."""
-    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     extra = "".join(f" {k}={_fmt_value(v)}" for k, v in fields.items())
     sys.stderr.write(f"{now} {service} {level.upper()} {' '.join(message.split())}{extra}\n")
     sys.stderr.flush()
 
 
-# --------------------------------------------------------------------------- settings
+# --------------------------------------------------------------------------- the model
 @dataclass(frozen=True)
-class Setting:
-    """One key of a settings table: its type, default, and an optional check.
+class ModelSettings:
+    """The shared ``[model]`` table: capture needs the chunk geometry, inference the model."""
 
-    ``check(value)`` returns ``None`` when the value is fine, else the reason it is not.
-    """
-
-    kind: type | tuple[type, ...]
-    default: Any
-    check: Callable[[Any], str | None] | None = None
+    checkpoint: str = setting("")
+    config: str = setting("")
+    chunk_factor: int = setting(1, at_least(1))
+    kind: str = setting("llvc", one_of("llvc", "passthrough"))
 
 
-def positive(v) -> str | None:
-    """Check: a number > 0."""
-    return None if v > 0 and math.isfinite(v) else "must be > 0"
+def model_spec(cfg: PipelineConfig, overrides: Mapping[str, Any] | None = None):
+    """``(settings, spec)``: the validated ``[model]`` table (plus a command's own flags) and the
+    :class:`~models.spec.ModelSpec` it names. A bad model config is one
+    :class:`PipelineConfigError` line."""
+    from models.config import ConfigError
+    from models.spec import ModelSpec
 
-
-def non_negative(v) -> str | None:
-    """Check: a number >= 0."""
-    return None if v >= 0 and math.isfinite(v) else "must be >= 0"
-
-
-def one_of(*choices: str) -> Callable[[Any], str | None]:
-    """Check: one of ``choices``."""
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
-
-
-def parse_settings(cfg: PipelineConfig, table: str, schema: dict[str, Setting],
-                   overrides: dict[str, Any] | None = None) -> SimpleNamespace:
-    """Validate ``cfg.services[table]`` (plus CLI ``overrides``) against ``schema``.
-
-    Unknown keys, wrong types (a bool is not a number) and failed checks raise one-line
-    :class:`PipelineConfigError` naming ``table.key`` and where the value came from: the
-    config's layers, or "command line" for a value given by a service's own flag.
-    Missing keys take the default.
-    """
-    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
-    raw = {**cfg.services.get(table, {}), **flags}
-
-    def error(key: str, why: str) -> PipelineConfigError:
-        where = "command line" if key in flags else cfg.source
-        return PipelineConfigError(f"{where}: {table}.{key}: {why}")
-
-    for key in raw:
-        if key not in schema:
-            raise error(key, f"unknown key (known: {', '.join(sorted(schema))})")
-    values = {}
-    for key, spec in schema.items():
-        v = raw.get(key, spec.default)
-        kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
-        if float in kinds and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-            names = " or ".join(k.__name__ for k in kinds)
-            raise error(key, f"must be {names}, got {v!r}")
-        reason = spec.check(v) if spec.check else None
-        if reason:
-            raise error(key, f"{reason}, got {v!r}")
-        values[key] = v
-    return SimpleNamespace(**values)
-
-
-#: The shared ``[model]`` table: capture needs the chunk geometry, inference the model.
-MODEL_SCHEMA = {
-    "checkpoint": Setting(str, ""),
-    "config": Setting(str, ""),
-    "chunk_factor": Setting(int, 1, lambda v: None if v >= 1 else "must be >= 1"),
-    "kind": Setting(str, "llvc", one_of("llvc", "passthrough")),
-}
-
-
-def model_settings(cfg: PipelineConfig) -> SimpleNamespace:
-    """The validated ``[model]`` table."""
-    return parse_settings(cfg, "model", MODEL_SCHEMA)
-
-
-@dataclass(frozen=True)
-class ChunkGeometry:
-    """Chunking that capture and inference agree on, from the model config (no torch needed)."""
-
-    chunk_len: int   # samples per chunk: dec_chunk_size * L * chunk_factor
-    head_len: int    # samples of lookahead head that start a stream (L with lookahead, else 0)
-    sample_rate: int
-
-    @property
-    def chunk_s(self) -> float:
-        """Chunk duration in seconds."""
-        return self.chunk_len / self.sample_rate
-
-
-def chunk_geometry(cfg: PipelineConfig) -> ChunkGeometry:
-    """The chunk geometry for this pipeline config's ``[model]`` table."""
-    from models.config import ConfigError, load_config, resolve_model_files
-
-    m = model_settings(cfg)
+    m = cfg.settings("model", ModelSettings, overrides)
     try:
-        mc = load_config(resolve_model_files(m.checkpoint, m.config).config)
+        return m, ModelSpec.resolve(m.checkpoint, m.config, m.chunk_factor)
     except ConfigError as exc:
-        raise PipelineConfigError(f"{cfg.source}: model.config: {exc}") from None
-    return ChunkGeometry(mc.window_samples * m.chunk_factor, mc.L if mc.lookahead else 0, mc.sample_rate)
+        raise PipelineConfigError(f"{cfg.origin('model', 'config')}: model.config: {exc}") from None
+
+
+# --------------------------------------------------------------------------- reports
+class RateLimited:
+    """Frequent happenings of one kind, let out at most once per ``interval_s``.
+
+    :meth:`add` sums the counts and keeps the latest fields; :meth:`take` hands them over when
+    one is due (the first at once, later ones no sooner than ``interval_s`` after the last), with
+    ``times`` when more than one happening went into it.
+    """
+
+    def __init__(self, interval_s: float = REPORT_INTERVAL_S):
+        self.interval_s = interval_s
+        self._counts: dict[str, int] = {}
+        self._fields: dict[str, Any] = {}
+        self._times = 0
+        self._next = 0.0
+
+    def add(self, counts: Mapping[str, int], fields: Mapping[str, Any]) -> None:
+        """One happening: ``counts`` are summed, ``fields`` replace the previous ones."""
+        for k, v in counts.items():
+            self._counts[k] = self._counts.get(k, 0) + v
+        self._fields.update(fields)
+        self._times += 1
+
+    def take(self, now: float) -> tuple[dict[str, Any], int] | None:
+        """``(fields and summed counts, happenings)`` if any are pending and one is due now."""
+        if not self._times or now < self._next:
+            return None
+        out, times = {**self._counts, **self._fields}, self._times
+        self._counts, self._fields, self._times = {}, {}, 0
+        self._next = now + self.interval_s
+        return out, times
 
 
 # --------------------------------------------------------------------------- services
@@ -166,6 +130,9 @@ class Service:
         self.started = time.monotonic()
         self.bus = None
         self.telemetry = None
+        self._mirrors: list[Callable[[], Mapping[str, int]]] = []
+        self._reports: dict[str, tuple[RateLimited, str, str, type[Event] | None]] = {}
+        self._receivers: list[tuple[Any, list[int]]] = []
 
     # ------------------------------------------------------------------ to override
     def setup(self) -> None:
@@ -178,24 +145,74 @@ class Service:
     def teardown(self) -> None:
         """Release everything; called once, also after a failed setup."""
 
-    def status(self) -> dict[str, Any]:
-        """Extra fields for the heartbeat."""
-        return {}
+    def status(self) -> Any:
+        """The heartbeat's status: this service's record from :mod:`common.telemetry`."""
+        return None
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ counters
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` (reported in every heartbeat)."""
         self.counters[name] = self.counters.get(name, 0) + n
 
+    def mirror(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Report counters another object keeps: ``source()`` is copied into :attr:`counters`
+        before every heartbeat (and by :meth:`refresh_counters`)."""
+        self._mirrors.append(source)
+
+    def refresh_counters(self) -> dict[str, int]:
+        """:attr:`counters` with every mirrored source copied in."""
+        for source in self._mirrors:
+            self.counters.update(source())
+        return self.counters
+
+    # ------------------------------------------------------------------ telemetry
     def log(self, level: str, message: str, **fields: Any) -> None:
         """One structured log line from this service."""
         log(self.name, level, message, **fields)
 
-    def event(self, name: str, **fields: Any) -> None:
-        """Publish ``event.<service>`` (if telemetry is up)."""
+    def publish(self, record: Record) -> None:
+        """Publish a telemetry record (if telemetry is up)."""
         if self.telemetry is not None:
-            self.telemetry.event(name, **fields)
+            self.telemetry.publish(record)
 
+    def notice(self, key: str, message: str, counts: Mapping[str, int] | None = None,
+               event: type[Event] | None = None, level: str = "warning", **fields: Any) -> None:
+        """Something that may happen often: a ``level`` log line and, with ``event``, an event
+        made from the fields and counts, both at most once per :data:`REPORT_INTERVAL_S` per
+        ``key``. In between, ``counts`` are summed and the latest ``fields`` kept."""
+        entry = self._reports.get(key)
+        if entry is None:
+            entry = self._reports[key] = (RateLimited(), message, level, event)
+        entry[0].add(counts or {}, fields)
+
+    def flush_reports(self, now: float | None = None) -> None:
+        """Let out every report that is due (:func:`run_service` calls it after every turn)."""
+        now = time.monotonic() if now is None else now
+        self._watch_receivers()
+        for limiter, message, level, event in self._reports.values():
+            taken = limiter.take(now)
+            if taken is None:
+                continue
+            values, times = taken
+            if event is not None:
+                self.publish(event(**values))
+            self.log(level, message, **values, **({"times": times} if times > 1 else {}))
+
+    def watch_rejects(self, receiver: Any, counter: str = Counter.REJECTED) -> None:
+        """Mirror ``receiver.rejected`` as ``counter`` and report new rejects (event ``reject``,
+        with the receiver's last reason) at most twice a second."""
+        self._receivers.append((receiver, [0]))
+        self.mirror(lambda: {counter: receiver.rejected})
+
+    def _watch_receivers(self) -> None:
+        for receiver, seen in self._receivers:
+            new = receiver.rejected - seen[0]
+            if new > 0:
+                seen[0] = receiver.rejected
+                self.notice("reject", "rejected malformed input", {"count": new}, Reject,
+                            total=receiver.rejected, reason=receiver.last_reject)
+
+    # ------------------------------------------------------------------ the bus
     def open_bus(self):
         """Create :attr:`bus` and this service's telemetry publisher; returns the bus."""
         from common.bus import Bus
@@ -212,33 +229,64 @@ class Service:
             self.telemetry = None
 
     def heartbeat(self) -> None:
-        """Publish ``heartbeat.<service>`` with readiness, counters and :meth:`status`."""
+        """Publish a :class:`~common.telemetry.Heartbeat`: readiness, counters and :meth:`status`."""
         if self.telemetry is not None:
-            self.telemetry.heartbeat(ready=self.ready, uptime_s=round(time.monotonic() - self.started, 3),
-                                     counters=dict(self.counters), **self.status())
+            self.telemetry.publish(Heartbeat(self.ready, round(time.monotonic() - self.started, 3),
+                                             dict(self.refresh_counters()), self.status()))
 
     def request_stop(self, *_: Any) -> None:
         """Signal handler: only sets a flag; the loop notices it within ~100 ms."""
         self.stop_requested = True
 
 
+def _exit_record_path(name: str) -> Path | None:
+    run_dir = os.environ.get("LLVC_RUN_DIR")
+    return Path(run_dir) / f"{name}.exit.json" if run_dir else None
+
+
+def _record_exit(name: str, status: int, error: str | None = None) -> None:
+    """Leave ``<service>.exit.json`` in the run folder (see the module docstring)."""
+    path = _exit_record_path(name)
+    if path is not None:
+        try:
+            write_atomic(path, json.dumps({"pid": os.getpid(), "status": status, "error": error}) + "\n")
+        except OSError:
+            pass  # a run folder that is gone: nobody is left to read it
+
+
+def read_exit_record(run_dir: Path, name: str) -> dict | None:
+    """What the newest process of service ``name`` recorded when it ended (``None``: nothing,
+    or it is still running)."""
+    try:
+        record = json.loads((Path(run_dir) / f"{name}.exit.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def run_service(service: Service) -> int:
     """Run ``service`` until SIGTERM/SIGINT; returns the process exit status.
 
-    Setup failures are one log line and status 2 (supervisord shows it). An exception inside
-    the loop is logged and the loop goes on: input from the wire must never kill a service;
-    a persistent failure (100 in a row) exits 1 so supervisord restarts the process.
+    Setup failures are one log line and status :data:`SETUP_FAILED` (supervisord shows it). An
+    exception inside the loop is logged and the loop goes on: input from the wire must never
+    kill a service; a persistent failure (:data:`MAX_LOOP_ERRORS` in a row) exits
+    :data:`LOOP_FAILED` so supervisord restarts the process.
     """
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
-    status = 0
+    record = _exit_record_path(service.name)
+    if record is not None:
+        record.unlink(missing_ok=True)  # an earlier process's: this one is running now
     try:
         service.setup()
     except Exception as exc:  # noqa: BLE001 - any setup failure ends the process with one line
-        service.log("error", f"cannot start: {exc}", error=type(exc).__name__)
+        error = " ".join(str(exc).split()) or type(exc).__name__
+        service.log("error", f"cannot start: {error}", error=type(exc).__name__)
         service.teardown()
-        return 2
+        _record_exit(service.name, SETUP_FAILED, error)
+        return SETUP_FAILED
     service.log("info", "started", pid=os.getpid())
+    status, error = 0, None
     interval = service.cfg.bus.heartbeat_interval_s
     next_beat = time.monotonic()
     failures = 0
@@ -254,13 +302,16 @@ def run_service(service: Service) -> int:
             failures += 1
             service.count("loop_errors")
             service.log("error", f"loop error: {exc!r}", consecutive=failures)
-            if failures >= 100:
-                status = 1
+            if failures >= MAX_LOOP_ERRORS:
+                status, error = LOOP_FAILED, f"{MAX_LOOP_ERRORS} loop errors in a row, the last: {exc!r}"
                 break
+        service.flush_reports()
     service.log("info", "stopping")
+    service.flush_reports(float("inf"))
     service.heartbeat()
     service.teardown()
     service.log("info", "stopped")
+    _record_exit(service.name, status, error)
     return status
 
 
@@ -275,5 +326,6 @@ def service_main(cls: type[Service], args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except PipelineConfigError as exc:
         log(cls.name, "error", f"cannot start: {exc}")
-        return 2
+        _record_exit(cls.name, SETUP_FAILED, str(exc))
+        return SETUP_FAILED
     return run_service(cls(cfg, args))

@@ -25,18 +25,22 @@ from __future__ import annotations
 import argparse
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import zmq
 
-from common.config import PipelineConfigError
-from common.protocol import SAMPLE_RATE, AudioChunk
+from common.audio import SAMPLE_RATE
+from common.devices import latency_problem, parse_latency
+from common.protocol import AudioChunk
+from common.settings import at_least, non_negative, setting
+from common.telemetry import CaptureStatus, Counter, Eof, Heartbeat, StreamStart
+from models.geometry import StreamGeometry
 
-from .base import (ChunkGeometry, Service, Setting, add_service_arguments, chunk_geometry, non_negative,
-                   parse_settings, service_main)
-from .sources import (DeviceStream, PacedSource, SourceError, make_paced_source, parse_latency,
-                      parse_source)
+from .base import Service, add_service_arguments, model_spec, service_main
+from .sources import DeviceStream, PacedSource, SourceError, make_paced_source, parse_source
 
 _NS = 1_000_000_000
 #: Zero chunks sent after a finite source's last chunk, so its last samples get their lookahead.
@@ -49,27 +53,25 @@ WAIT_FOR = frozenset({"inference", "playback"})
 DEVICE_RETRY_S = 1.0
 
 
-def _check(parse: Callable[[Any], Any]) -> Callable[[Any], str | None]:
-    """A settings check from a parser that raises :class:`SourceError`."""
-    def check(v: Any) -> str | None:
-        try:
-            parse(v)
-        except SourceError as exc:
-            return str(exc)
-        return None
-    return check
+def _source_problem(v: str) -> str | None:
+    try:
+        parse_source(v)
+    except SourceError as exc:
+        return str(exc)
+    return None
 
 
-#: The ``[capture]`` table (see config/pipeline.toml for what each key means).
-CAPTURE_SCHEMA = {
-    "source": Setting(str, "tone", _check(parse_source)),
-    "loop": Setting(bool, False),
-    "level": Setting(float, 0.1, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
-    "tone_hz": Setting(float, 440.0, lambda v: None if 0 < v < SAMPLE_RATE / 2 else "must be in (0, 8000)"),
-    "wait_ready_s": Setting(float, 15.0, non_negative),
-    "queue_chunks": Setting(int, 32, lambda v: None if v >= 1 else "must be >= 1"),
-    "device_latency": Setting((str, float), "low", _check(parse_latency)),
-}
+@dataclass(frozen=True)
+class CaptureSettings:
+    """The ``[capture]`` table (config/pipeline.toml says what each key means)."""
+
+    source: str = setting("tone", _source_problem)
+    loop: bool = setting(False)
+    level: float = setting(0.1, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
+    tone_hz: float = setting(440.0, lambda v: None if 0 < v < SAMPLE_RATE / 2 else "must be in (0, 8000)")
+    wait_ready_s: float = setting(15.0, non_negative)
+    queue_chunks: int = setting(32, at_least(1))
+    device_latency: str | float = setting("low", latency_problem)
 
 
 class Framer:
@@ -80,7 +82,7 @@ class Framer:
     (stream index ``i`` was captured at ``t_ns``) in integer ns, so spacing is exact.
     """
 
-    def __init__(self, geometry: ChunkGeometry, send: Callable[[AudioChunk], bool],
+    def __init__(self, geometry: StreamGeometry, send: Callable[[AudioChunk], bool],
                  count: Callable[..., None]):
         self.geometry = geometry
         self.stream_id = uuid.uuid4().hex
@@ -168,8 +170,8 @@ class CaptureService(Service):
 
     def __init__(self, cfg, args: argparse.Namespace | None = None):
         super().__init__(cfg, args)
-        self.settings: Any = None
-        self.geometry: ChunkGeometry | None = None
+        self.settings: CaptureSettings | None = None
+        self.geometry: StreamGeometry | None = None
         self.kind = ""
         self.source: PacedSource | None = None
         self.device: DeviceStream | None = None
@@ -191,14 +193,13 @@ class CaptureService(Service):
     def setup(self) -> None:
         """Validate settings, load the file (if any), open the bus, then start or wait."""
         flags = {"source": getattr(self.args, "source", None), "loop": getattr(self.args, "loop", None)}
-        s = self.settings = parse_settings(self.cfg, "capture", CAPTURE_SCHEMA, flags)
-        self.geometry = chunk_geometry(self.cfg)
-        if self.geometry.sample_rate != SAMPLE_RATE:
-            raise PipelineConfigError(f"{self.cfg.source}: model.config: capture makes {SAMPLE_RATE} Hz audio, "
-                                      f"the model wants {self.geometry.sample_rate} Hz")
+        s = self.settings = self.cfg.settings("capture", CaptureSettings, flags)
+        self.geometry = model_spec(self.cfg)[1].geometry
         self.kind, arg = parse_source(s.source)
         if self.kind == "device":
             self._device_spec, self._latency = arg, parse_latency(s.device_latency)
+            self.mirror(lambda: {Counter.INPUT_OVERFLOWS: self._overflow_base
+                                 + (self.device.input.overflows if self.device is not None else 0)})
         else:
             self.source = make_paced_source(self.kind, arg, s)  # an unreadable file fails here
         self.sender = self.open_bus().audio_sender("audio_in")
@@ -229,15 +230,12 @@ class CaptureService(Service):
         self._close_device()
         self.close_bus()
 
-    def status(self) -> dict[str, Any]:
-        """Heartbeat fields: source, state, stream id, geometry, next offset, device."""
-        f, g = self.framer, self.geometry
-        st = {"source": self.settings.source if self.settings else None, "state": self.state,
-              "stream_id": f.stream_id if f else None, "chunk_len": g.chunk_len if g else None,
-              "head_len": g.head_len if g else None, "offset": f.offset if f else 0}
-        if self.device is not None:
-            st.update(device=self.device.name, device_rate=self.device.rate)
-        return st
+    def status(self) -> CaptureStatus:
+        """Heartbeat status: source, state, stream id, geometry, next offset, device."""
+        f, g, d = self.framer, self.geometry, self.device
+        return CaptureStatus(self.settings.source if self.settings else None, self.state,
+                             f.stream_id if f else None, g.chunk_len if g else None, g.head_len if g else None,
+                             f.offset if f else 0, d.name if d else None, d.rate if d else None)
 
     # ------------------------------------------------------------------ streams
     def _new_stream(self, framer: Framer, **extra: Any) -> None:
@@ -246,8 +244,8 @@ class CaptureService(Service):
         self.state = "streaming"
         self.ready = True
         g = self.geometry
-        self.event("stream_start", stream_id=framer.stream_id, source=self.settings.source,
-                   chunk_len=g.chunk_len, head_len=g.head_len, sample_rate=g.sample_rate, **extra)
+        self.publish(StreamStart(framer.stream_id, source=self.settings.source, chunk_len=g.chunk_len,
+                                 head_len=g.head_len, sample_rate=g.sample_rate, **extra))
         self.log("info", "streaming", stream_id=framer.stream_id, source=self.settings.source,
                  chunk_len=g.chunk_len, head_len=g.head_len, **extra)
 
@@ -255,7 +253,7 @@ class CaptureService(Service):
         timeout_ms = int(min(100.0, max(1.0, (self._wait_deadline - time.monotonic()) * 1000)))
         msg = self._ready_sub.recv(timeout_ms)
         while msg is not None:
-            if msg.type == "heartbeat" and msg.service in WAIT_FOR and msg.data.get("ready") is True:
+            if isinstance(msg, Heartbeat) and msg.service in WAIT_FOR and msg.ready:
                 self._ready_seen.add(msg.service)
             msg = self._ready_sub.recv(0)
         # With IMMEDIATE set, audio_in polls writable only once inference's PULL is connected:
@@ -309,7 +307,7 @@ class CaptureService(Service):
         f.push(x)
         if f.source_end is not None and self._flush_left == 0:
             self.state = "ended"
-            self.event("eof", stream_id=f.stream_id, source_end=f.source_end)
+            self.publish(Eof(f.stream_id, f.source_end))
             self.log("info", "end of source", stream_id=f.stream_id, source_end=f.source_end)
 
     # ------------------------------------------------------------------ devices
@@ -329,7 +327,6 @@ class CaptureService(Service):
         """Mirror the callback's counts; reopen the device if its stream stopped."""
         d = self.device
         if d is not None:
-            self.counters["input_overflows"] = self._overflow_base + d.input.overflows
             if d.last_error != self._logged_error:
                 self._logged_error = d.last_error
                 self.log("error", "sender thread error", error=d.last_error)

@@ -7,8 +7,8 @@ How a turn of the loop works, and why:
 
 * **Receive**: drain every valid chunk already waiting (non-blocking); only when there is
   nothing to do, wait up to 50 ms for one. Malformed input never gets this far: the bus's
-  receiver rejects and counts it (mirrored as counter ``rejected``, event ``reject`` at most
-  once a second).
+  receiver rejects and counts it (``Service.watch_rejects``: counter ``rejected``, event
+  ``reject`` at most twice a second).
 * **Streams**: chunks of the current stream id join a work queue. A stream id never seen
   before takes over (reset, reason ``new_stream``) only when it looks like a capture (re)start:
   there is no current stream yet, or its chunk is a stream start (offset 0: capture begins
@@ -44,6 +44,7 @@ before the expected offset is a duplicate or overlap and is dropped whole
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import time
 from collections import OrderedDict, deque
@@ -51,34 +52,57 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.config import PipelineConfigError
 from common.protocol import MAX_NAME_LEN, MAX_STAGES, AudioChunk, ProtocolError, StageRecord
+from common.settings import at_least, non_negative, one_of, positive, setting
+from common.telemetry import Counter, InferenceChunk, InferenceStatus, Reset, ResetReason
 from models.backends import BACKENDS, resolve_backend
 from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP
+from models.passthrough import PassthroughEngine
 
-from .base import (MODEL_SCHEMA, Service, Setting, add_service_arguments, non_negative, one_of,
-                   parse_settings, positive, service_main)
+from .base import ModelSettings, Service, add_service_arguments, model_spec, service_main
 
-#: The ``[inference]`` table (config/pipeline.toml documents each key).
-INFERENCE_SCHEMA = {
-    "device": Setting(str, "cpu", one_of("cpu", "cuda", "auto")),
-    "threads": Setting(int, 1, lambda v: None if v >= 1 else "must be >= 1"),
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The ``[inference]`` table (config/pipeline.toml documents each key)."""
+
+    device: str = setting("cpu", one_of("cpu", "cuda", "auto"))
+    threads: int = setting(1, at_least(1))
     # auto: the fastest valid one (models/backends.py): onnx on CPU when an artifact is at hand,
     # else eager, saying why. eager: PyTorch (CPU or CUDA). onnx: ONNX Runtime on `artifact`
     # (empty: the cached one) made by `llvc export` (CPU; torch is never imported).
-    "backend": Setting(str, "auto", one_of(*BACKENDS)),
-    "artifact": Setting(str, ""),
-    "max_backlog_ms": Setting(float, 40.0, positive),
-    "max_gap_ms": Setting(float, 100.0, non_negative),
-    # Test-only: simulate a machine too slow for the model (tests/test_faults.py). Each step
-    # takes this much longer (counted in proc_ms, as a slow step would be) ...
-    "debug_delay_ms": Setting(float, 0.0, non_negative),
-    # ... until this many seconds after the first step (0 = for good), so recovery can be seen.
-    "debug_delay_s": Setting(float, 0.0, non_negative),
-}
+    backend: str = setting("auto", one_of(*BACKENDS))
+    artifact: str = setting("")
+    max_backlog_ms: float = setting(40.0, positive)
+    max_gap_ms: float = setting(100.0, non_negative)
+
+
+#: Environment, for tests only (never a setting): ``MS`` or ``MS:SECONDS``. Every step takes
+#: ``MS`` longer (counted in ``proc_ms``, as a slow step would be), for ``SECONDS`` after the
+#: first step (for good without it): a machine too slow for the model, and its recovery
+#: (tests/test_faults.py). The service says so in a warning line when it is set.
+SLOW_STEP_ENV = "LLVC_TEST_SLOW_STEP"
+
+
+def slow_step_from_env() -> tuple[float, float]:
+    """``(seconds per step, for how many seconds; 0 = for good)`` from :data:`SLOW_STEP_ENV`."""
+    text = os.environ.get(SLOW_STEP_ENV, "")
+    if not text:
+        return 0.0, 0.0
+    try:
+        ms, _, seconds = text.partition(":")
+        delay, span = float(ms) / 1000, float(seconds or 0)
+    except ValueError:
+        raise PipelineConfigError(f"env {SLOW_STEP_ENV}: expected MS or MS:SECONDS, got {text!r}") from None
+    if not (delay >= 0 and span >= 0):
+        raise PipelineConfigError(f"env {SLOW_STEP_ENV}: expected MS or MS:SECONDS >= 0, got {text!r}")
+    return delay, span
+
 
 #: Counters reported from the first heartbeat on (zeros included, so dashboards see them).
-COUNTERS = ("chunks_in", "chunks_out", "resets", "dropped_inference_backlog", "dropped_inference_send",
-            "dropped_stale_stream", "dropped_unknown_stream", "dropped_duplicate", "rejected",
+COUNTERS = ("chunks_in", "chunks_out", Counter.RESETS, Counter.DROPPED_INFERENCE_BACKLOG, "dropped_inference_send",
+            "dropped_stale_stream", "dropped_unknown_stream", "dropped_duplicate", Counter.REJECTED,
             "zero_filled_samples")
 
 NS_PER_S = 1_000_000_000
@@ -169,62 +193,53 @@ class InferenceService(Service):
         self._source_end: int | None = None
         self._fresh = False                 # the next output is the first after a reset
         self._steps_unchecked = 0
-        self._rejects_reported, self._reject_event_at = 0, -1.0
-        self._log_limits: dict[str, list] = {}
 
     # ------------------------------------------------------------------ lifetime
     def setup(self) -> None:
         a = self.args or argparse.Namespace()
-        m = parse_settings(self.cfg, "model", MODEL_SCHEMA, {
+        m, spec = model_spec(self.cfg, {
             "checkpoint": getattr(a, "checkpoint", None), "config": getattr(a, "config", None),
             "chunk_factor": getattr(a, "chunk_factor", None), "kind": getattr(a, "model_kind", None)})
-        s = parse_settings(self.cfg, "inference", INFERENCE_SCHEMA, {
+        s = self.cfg.settings("inference", InferenceSettings, {
             "device": getattr(a, "device", None), "threads": getattr(a, "threads", None)})
+        self._slow_step, self._slow_for = slow_step_from_env()
         self.kind, self.threads = m.kind, s.threads
         t0 = time.perf_counter()
         if m.kind == "passthrough":
-            self.backend, self.engine = "passthrough", self._load_passthrough(m)
+            self.backend, self.model_id, self.trained = "passthrough", "passthrough", True
+            self.engine = PassthroughEngine(spec.geometry)  # the LLVC model's chunking
         else:
-            chosen = resolve_backend(s.backend, s.device, s.artifact, m.checkpoint, m.config, m.chunk_factor,
-                                     s.threads)
+            chosen = resolve_backend(s.backend, s.device, s.artifact, spec, s.threads)
             self.backend = chosen.backend
-            self.engine = self._use_onnx(chosen.engine) if chosen.engine is not None else self._load_llvc(m, s)
+            self.engine = self._use_onnx(chosen.engine) if chosen.engine is not None else self._load_llvc(spec, s)
             if chosen.note:  # once eager is known to load: a bad checkpoint's error stays the one line
                 self.log("warning", chosen.note)
         load_s = time.perf_counter() - t0
-        table = self.cfg.services.get("model", {})
-        if any(table.get(k, MODEL_SCHEMA[k].default) != getattr(m, k) for k in ("chunk_factor", "config")):
+        table = self.cfg.settings("model", ModelSettings)
+        if (table.chunk_factor, table.config) != (m.chunk_factor, m.config):
             self.log("warning", "-n/-c differ from the pipeline config's [model] table, which capture "
                      "reads: chunks will be re-framed, at a latency cost; prefer --set model.*",
                      chunk_factor=m.chunk_factor, config=m.config)
         step_s = self._warm_up()
-        sr = self.engine.sample_rate
-        self.max_backlog = max(1, round(s.max_backlog_ms * sr / 1000))
-        self.max_gap = round(s.max_gap_ms * sr / 1000)
-        self.takeover_silence_ns = int(max(TAKEOVER_SILENCE_CHUNKS * self.engine.chunk_s,
+        g = self.engine.geometry
+        self.max_backlog = max(1, g.samples(s.max_backlog_ms))
+        self.max_gap = g.samples(s.max_gap_ms)
+        self.takeover_silence_ns = int(max(TAKEOVER_SILENCE_CHUNKS * g.chunk_s,
                                            TAKEOVER_SILENCE_MS / 1000) * NS_PER_S)
-        self._debug_delay_s, self._debug_for_s = s.debug_delay_ms / 1000, s.debug_delay_s
-        self._debug_until = None
-        if self._debug_delay_s:
-            self.log("warning", "debug_delay_ms is set: every step is slowed down (a test setting)",
-                     debug_delay_ms=s.debug_delay_ms, for_s=s.debug_delay_s or "ever")
+        self._slow_until = None
+        if self._slow_step:
+            self.log("warning", f"{SLOW_STEP_ENV} is set: every step is slowed down (a test hook)",
+                     slow_step_ms=1000 * self._slow_step, for_s=self._slow_for or "ever")
         # Bind last: while the model loads, capture's sends fail (counted there) instead of
         # piling up stale audio in our queue.
         bus = self.open_bus()
-        self.receiver = bus.audio_receiver("audio_in", expect_rate=sr)
+        self.receiver = bus.audio_receiver("audio_in", expect_rate=g.sample_rate)
+        self.watch_rejects(self.receiver)
         self.sender = bus.audio_sender("audio_out")
         self.ready = True
         self.log("info", "ready", model=self.model_id, kind=self.kind, backend=self.backend, device=self.device,
-                 threads=self.threads, chunk_len=self.engine.chunk_len,
-                 latency_ms=1000 * self.engine.latency_s, load_s=load_s, warm_step_ms=1000 * step_s)
-
-    def _load_passthrough(self, m):
-        from models.config import load_config, resolve_model_files
-        from models.passthrough import PassthroughEngine
-
-        self.model_id, self.trained = "passthrough", True
-        cfg = load_config(resolve_model_files(m.checkpoint, m.config).config)  # the LLVC model's chunking
-        return PassthroughEngine.from_config(cfg, m.chunk_factor)
+                 threads=self.threads, chunk_len=g.chunk_len, latency_ms=1000 * g.latency_s, load_s=load_s,
+                 warm_step_ms=1000 * step_s)
 
     def _use_onnx(self, engine):
         """Take the ONNX Runtime engine :func:`resolve_backend` loaded (numpy + ORT only)."""
@@ -232,10 +247,10 @@ class InferenceService(Service):
         self.trained, self.device = engine.trained, "cpu"
         return engine
 
-    def _load_llvc(self, m, s):
+    def _load_llvc(self, spec, s):
         import torch
 
-        from models.checkpoint import load_model
+        from models.checkpoint import load_spec
         from models.streaming import StreamingEngine
 
         # One thread by default: see models/convert.py on OpenMP workers under contention.
@@ -247,11 +262,11 @@ class InferenceService(Service):
             raise RuntimeError("inference.device = cuda: no CUDA device is available to torch")
         self.device = device
         warnings: list[str] = []
-        model, info = load_model(m.checkpoint or None, m.config or None, warn=warnings.append)
+        model, info = load_spec(spec, warn=warnings.append)
         for text in warnings:
             self.log("warning", text, model=info.model_id)
         self.model_id, self.trained = info.model_id[:MAX_NAME_LEN], info.trained
-        return StreamingEngine(model, m.chunk_factor, device)
+        return StreamingEngine(model, spec.chunk_factor, device)
 
     def _warm_up(self) -> float:
         """A few steps on low noise so the first real chunk is not slow; the last step's time."""
@@ -271,13 +286,13 @@ class InferenceService(Service):
         self.close_bus()
         self.receiver = self.sender = None
 
-    def status(self) -> dict:
-        e = self.engine
-        geometry = {} if e is None else {
-            "chunk_len": e.chunk_len, "algorithmic_latency_ms": 1000 * e.algorithmic_latency_s,
-            "latency_ms": 1000 * e.latency_s}
-        return {"backend": self.backend, "model": self.model_id, "untrained": not self.trained, "kind": self.kind, **geometry,
-                "device": self.device, "threads": self.threads, "stream_id": self.stream_id}
+    def status(self) -> InferenceStatus:
+        g = self.engine.geometry if self.engine is not None else None
+        return InferenceStatus(
+            self.backend, self.model_id, not self.trained, self.kind, self.device, self.threads, self.stream_id,
+            chunk_len=g.chunk_len if g else None, chunk_ms=g.chunk_ms if g else None,
+            algorithmic_latency_ms=1000 * g.algorithmic_latency_s if g else None,
+            latency_ms=1000 * g.latency_s if g else None)
 
     # ------------------------------------------------------------------ the loop
     def loop_once(self) -> None:
@@ -288,7 +303,6 @@ class InferenceService(Service):
             if first is not None:
                 batch = [first, *self.receiver.drain()]
         recv_ns = time.monotonic_ns()
-        self._report_rejects()
         if any(c.stream_id == self.stream_id for c in batch):
             self._current_heard_ns = recv_ns  # before anything else in the batch is judged
         for c in batch:
@@ -301,19 +315,6 @@ class InferenceService(Service):
     def _has_work(self) -> bool:
         return bool(self._queue) or self._pending() >= self.engine.chunk_len
 
-    def _report_rejects(self) -> None:
-        total = self.receiver.rejected
-        if total == self._rejects_reported:
-            return
-        self.counters["rejected"] = total
-        now = time.monotonic()
-        if now - self._reject_event_at >= 1.0:
-            new = total - self._rejects_reported
-            reason = self.receiver.last_reject
-            self.event("reject", count=new, total=total, reason=reason)
-            self.log("warning", "rejected input", count=new, total=total, reason=reason)
-            self._rejects_reported, self._reject_event_at = total, now
-
     def _accept(self, c: AudioChunk, recv_ns: int) -> None:
         """Queue a chunk of the current stream, switch to a new stream, or drop a stale or
         unknown one (the rules are in the module docstring)."""
@@ -324,8 +325,8 @@ class InferenceService(Service):
                 return
             if not self._may_take_over(c, recv_ns):
                 self.count("dropped_unknown_stream")
-                self._log_limited("unknown_stream", "dropped a chunk of an unknown stream mid-stream",
-                                  stream_id=c.stream_id, offset=c.offset, current=self.stream_id)
+                self.notice("unknown_stream", "dropped chunks of an unknown stream mid-stream", {"chunks": 1},
+                            stream_id=c.stream_id, offset=c.offset, current=self.stream_id)
                 return
             self._switch_stream(c)
         self._current_heard_ns = recv_ns
@@ -347,28 +348,18 @@ class InferenceService(Service):
         previous, self.stream_id = self.stream_id, c.stream_id
         self._out_seq, self._source_end = 0, None
         self.log("info", "new stream", stream_id=c.stream_id, previous=previous, offset=c.offset)
-        self._reset("new_stream", c.offset)
+        self._reset(ResetReason.NEW_STREAM, c.offset)
 
-    def _reset(self, reason: str, offset: int) -> None:
+    def _reset(self, reason: ResetReason, offset: int) -> None:
         """Forget the engine state; the next chunk fed starts a new segment."""
         self._seg = None
         self.engine.reset()
         self._fresh = True
-        self.count("resets")
-        self.event("reset", stream_id=self.stream_id, reason=reason, offset=offset)
-        if reason != "new_stream":
-            self._log_limited(reason, "stream state reset", reason=reason, stream_id=self.stream_id,
-                              offset=offset)
-
-    def _log_limited(self, key: str, message: str, **fields) -> None:
-        """A warning line, at most one per second per ``key`` (with how many were held back)."""
-        now = time.monotonic()
-        last, held = self._log_limits.get(key, (-1.0, 0))
-        if now - last < 1.0:
-            self._log_limits[key] = [last, held + 1]
-            return
-        self._log_limits[key] = [now, 0]
-        self.log("warning", message, **fields, **({"suppressed": held} if held else {}))
+        self.count(Counter.RESETS)
+        self.publish(Reset(self.stream_id, reason, offset))
+        if reason != ResetReason.NEW_STREAM:
+            self.notice(f"reset_{reason}", "stream state reset", reason=reason, stream_id=self.stream_id,
+                        offset=offset)
 
     def _pending(self) -> int:
         """Samples fed into the current segment and not yet converted."""
@@ -398,8 +389,8 @@ class InferenceService(Service):
         drop = len(sizes) - keep
         for _ in range(drop):
             self._queue.popleft()
-        self.count("dropped_inference_backlog", drop)
-        self._reset("backlog", self._queue[0].chunk.offset)
+        self.count(Counter.DROPPED_INFERENCE_BACKLOG, drop)
+        self._reset(ResetReason.BACKLOG, self._queue[0].chunk.offset)
 
     def _work_one(self) -> bool:
         """One engine step, or feeding one queued chunk; False when there is nothing to do."""
@@ -427,7 +418,7 @@ class InferenceService(Service):
             self.count("dropped_duplicate")
             return
         if gap > self.max_gap:
-            self._reset("gap", c.offset)
+            self._reset(ResetReason.GAP, c.offset)
             seg, gap = self._start_segment(c.offset), 0
         if gap:
             self.count("zero_filled_samples", gap)
@@ -441,13 +432,13 @@ class InferenceService(Service):
             e.prime(seg.buf[:e.head_len])
             seg.buf = seg.buf[e.head_len:]
 
-    def _debug_sleep(self) -> None:
-        """The test-only slowdown (``debug_delay_ms`` for ``debug_delay_s`` after the first step)."""
+    def _slow_down(self) -> None:
+        """The test hook :data:`SLOW_STEP_ENV`: sleep, for its span after the first step."""
         now = time.monotonic()
-        if self._debug_until is None:
-            self._debug_until = now + self._debug_for_s if self._debug_for_s else float("inf")
-        if now < self._debug_until:
-            time.sleep(self._debug_delay_s)
+        if self._slow_until is None:
+            self._slow_until = now + self._slow_for if self._slow_for else float("inf")
+        if now < self._slow_until:
+            time.sleep(self._slow_step)
 
     def _step(self) -> None:
         """Convert the segment's next ``chunk_len`` samples and send them."""
@@ -458,15 +449,15 @@ class InferenceService(Service):
         seg.steps += 1
         t0 = time.perf_counter_ns()
         y = e.process(x)
-        if self._debug_delay_s:
-            self._debug_sleep()
+        if self._slow_step:
+            self._slow_down()
         proc_ns = time.perf_counter_ns() - t0
         self._steps_unchecked += 1
         check_state = self._steps_unchecked >= STATE_CHECK_EVERY
         if check_state:
             self._steps_unchecked = 0
         if not np.isfinite(y).all() or (check_state and not e.state_is_finite()):
-            self._reset("non_finite", offset)
+            self._reset(ResetReason.NON_FINITE, offset)
             return
         last = seg.inputs[-1]  # the chunk that completed this step (see the module docstring)
         t_capture, t_wall = seg.times_of(offset, e.sample_rate)
@@ -479,9 +470,8 @@ class InferenceService(Service):
             sent = self.sender.send(out)
         except ProtocolError as exc:  # a header from the wire that cannot go back out (offset near 2**63)
             sent = False
-            self._log_limited("unsendable", "cannot send output", error=str(exc))
+            self.notice("unsendable", "cannot send output", {"chunks": 1}, error=str(exc))
         self.count("chunks_out" if sent else "dropped_inference_send")
-        self.telemetry.chunk_timing(stream_id=self.stream_id, seq=self._out_seq, offset=offset,
-                                    proc_ms=proc_ns / 1e6, rtf=e.chunk_s * NS_PER_S / max(proc_ns, 1),
-                                    queue_chunks=self._waiting_samples() / C, reset=fresh)
+        self.publish(InferenceChunk(self.stream_id, self._out_seq, offset, proc_ns / 1e6,
+                                    e.chunk_s * NS_PER_S / max(proc_ns, 1), self._waiting_samples() / C, fresh))
         self._out_seq += 1

@@ -22,11 +22,11 @@ remain.
 
 Growth: when chunks keep arriving after their place was played (at least ``GROW_LATE`` of the
 last ``GROW_WINDOW`` arrivals, spread over at least ``GROW_SPAN_MS`` of arrival time: an
-inference that cannot keep up, a congested link), the
-timeline moves later: reads pause for the median lateness of those arrivals plus
-``target_ms`` (silence, counted as ``grown_samples``), capped so that neither the buffer's
-fill nor the timeline's total growth exceeds ``max_ms``. Without it a fixed timeline set while things were fast drops everything once they
-are slow. One late burst (a stall: its chunks arrive together) does not grow it. Once the
+inference that cannot keep up, a congested link), the timeline moves later: reads pause for the
+median lateness of those arrivals plus ``target_ms`` (silence, counted as ``grown_samples``),
+capped so that neither the buffer's fill nor the timeline's total growth exceeds ``max_ms``.
+Without it a fixed timeline set while things were fast drops everything once they are slow.
+One late burst (a stall: its chunks arrive together) does not grow it. Once the
 lateness is over, slack that persists over ``TRIM_WINDOW`` arrivals is given back, down to
 1 ms and at most what was grown, so latency returns to where it was.
 
@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from common.audio import SAMPLE_RATE
+
 #: After this long with nothing to play a stream counts as stalled (a live capture that went
 #: away): its silence is no longer counted as underrun samples, which would otherwise grow
 #: without bound and drown the real glitches in the monitor's figures.

@@ -13,21 +13,23 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from common.config import PipelineConfigError
-from services.base import Service, Setting, add_service_arguments, non_negative, parse_settings, positive, \
-    service_main
-from services.jitter import SAMPLE_RATE, JitterBuffer, ReadResult
+from common.audio import SAMPLE_RATE
+from common.devices import latency_problem
+from common.settings import non_negative, positive, setting
+from common.telemetry import AudioHeader, Drained, PlaybackChunk, PlaybackStatus, StreamStart, Underrun
+from services.base import Service, add_service_arguments, service_main
+from services.jitter import JitterBuffer, ReadResult
 from services.recorder import WavRecorder, make_recorders
 from services.sinks import make_sink
 
 NS_PER_SAMPLE = 1_000_000_000 / SAMPLE_RATE
 SLICE_NS = 50_000_000          # one loop_once: at most this long, so SIGTERM is noticed quickly
-REPORT_INTERVAL_S = 0.5        # frequent events (underruns, drops, rejects): at most 2 reports/s
 #: Without a connection to inference for this long, dial again by hand. ZeroMQ reconnects by
 #: itself after a peer goes away, but not after a protocol error (libzmq 4.3: a message over
 #: MAXMSGSIZE from the binder ends the session for good), which would leave playback deaf.
@@ -41,55 +43,31 @@ def _sink_problem(v: str) -> str | None:
     return "must be null, file:PATH or device:NAME-or-INDEX"
 
 
-def _latency_problem(v) -> str | None:
-    if isinstance(v, str):
-        return None if v in ("low", "high") else 'must be "low", "high" or seconds'
-    return positive(v)
+@dataclass(frozen=True)
+class PlaybackSettings:
+    """The ``[playback]`` table (config/pipeline.toml documents each key)."""
+
+    sink: str = setting("null", _sink_problem)
+    record: str = setting("")
+    target_ms: float = setting(6.0, non_negative)
+    max_ms: float = setting(60.0, positive)
+    block_ms: float = setting(2.0, lambda v: positive(v) or (None if v <= 1000 else "must be <= 1000"))
+    fade_ms: float = setting(2.0, non_negative)
+    device_latency: str | float = setting("low", latency_problem)
+
+    def problems(self):
+        """Checks across keys."""
+        if self.max_ms <= self.target_ms:
+            yield "max_ms", f"must be above target_ms ({self.target_ms:g}), got {self.max_ms:g}"
+        sink_file = self.sink.partition(":")[2] if self.sink.startswith("file:") else ""
+        if self.record and sink_file and os.path.realpath(self.record) == os.path.realpath(sink_file):
+            yield "record", f"names the sink's own file ({self.record}); record to another path"
 
 
-SCHEMA = {
-    "sink": Setting(str, "null", _sink_problem),
-    "record": Setting(str, ""),
-    "target_ms": Setting(float, 6.0, non_negative),
-    "max_ms": Setting(float, 60.0, positive),
-    "block_ms": Setting(float, 2.0, lambda v: positive(v) or (None if v <= 1000 else "must be <= 1000")),
-    "fade_ms": Setting(float, 2.0, non_negative),
-    "device_latency": Setting((str, float), "low", _latency_problem),
-}
-
-
-def playback_settings(cfg, args: argparse.Namespace | None = None):
+def playback_settings(cfg, args: argparse.Namespace | None = None) -> PlaybackSettings:
     """The validated ``[playback]`` table, with ``--sink`` / ``--record`` / ``--target-ms`` applied."""
-    overrides = {k: getattr(args, k, None) for k in ("sink", "record", "target_ms")}
-    s = parse_settings(cfg, "playback", SCHEMA, overrides)
-    if s.max_ms <= s.target_ms:
-        raise PipelineConfigError(f"{cfg.source}: playback.max_ms: must be above target_ms "
-                                  f"({s.target_ms:g}), got {s.max_ms:g}")
-    sink_file = s.sink.partition(":")[2] if s.sink.startswith("file:") else ""
-    if s.record and sink_file and os.path.realpath(s.record) == os.path.realpath(sink_file):
-        raise PipelineConfigError(f"{cfg.source}: playback.record: names the sink's own file "
-                                  f"({s.record}); record to another path")
-    return s
-
-
-class Throttle:
-    """Counts of a frequent happening, let out at most once per ``interval_s``."""
-
-    def __init__(self, interval_s: float = REPORT_INTERVAL_S):
-        self.interval = interval_s
-        self.pending: dict[str, int] = {}
-        self.next = 0.0
-
-    def add(self, **counts: int) -> None:
-        for k, v in counts.items():
-            self.pending[k] = self.pending.get(k, 0) + v
-
-    def take(self, now: float) -> dict[str, int] | None:
-        """The counts gathered since the last report, if one is due now."""
-        if not self.pending or now < self.next:
-            return None
-        out, self.pending, self.next = self.pending, {}, now + self.interval
-        return out
+    flags = {k: getattr(args, k, None) for k in ("sink", "record", "target_ms")}
+    return cfg.settings("playback", PlaybackSettings, flags)
 
 
 # --------------------------------------------------------------------------- the service
@@ -108,19 +86,21 @@ class PlaybackService(Service):
         self.connected = False
         self._unconnected_since = time.monotonic()
         self.redials = 0
-        self.throttles = {k: Throttle() for k in ("underrun", "late", "overflow", "reject")}
-        self.rejects_seen = 0
 
     def setup(self) -> None:
         self.settings = s = playback_settings(self.cfg, self.args)
         self.jb = JitterBuffer(s.target_ms, s.max_ms, s.fade_ms)
         self.sink = make_sink(s, self.log)
         self.sink.open()  # first: a sink that cannot open is a one-line exit 2, before any socket
-        self.recorders = make_recorders(s, self.log, self.event)
+        self.recorders = make_recorders(s, self.log, self.publish)
         for r in self.recorders:
             r.open()
         self.sink.recorders = self.recorders
         self.receiver = self.open_bus().audio_receiver("audio_out")
+        self.watch_rejects(self.receiver)
+        for source in (lambda: vars(self.jb.stats), self.sink.counters, *(r.counters for r in self.recorders),
+                       lambda: {"redials": self.redials, "received": self.receiver.received}):
+            self.mirror(source)
         address = self.cfg.endpoint("audio_out").connect
         if address.startswith("inproc://"):
             self.connected = True  # inproc has no connection events; connecting is immediate
@@ -180,7 +160,6 @@ class PlaybackService(Service):
                 break
             self._receive(min(self.sink.next_due_ns(), slice_end) - now)
             now = time.monotonic_ns()
-        self._report(time.monotonic())
 
     def _receive(self, wait_ns: int) -> None:
         """Wait up to ``wait_ns`` for chunks (ZeroMQ polls in whole ms; the rest is a short sleep)."""
@@ -197,61 +176,35 @@ class PlaybackService(Service):
     def _accept(self, chunk, arrival_ns: int) -> None:
         res = self.jb.put(chunk.stream_id, chunk.offset, chunk.samples, arrival_ns, seq=chunk.seq,
                           t_capture_ns=chunk.t_capture_ns, source_end=chunk.source_end)
+        self.publish(AudioHeader.of(chunk, arrival_ns))  # for taps: llvc tap --audio, dashboards
         if res.new_stream:
-            self.event("stream_start", stream_id=chunk.stream_id, seq=chunk.seq, offset=chunk.offset,
-                       target_ms=self.settings.target_ms)
+            self.publish(StreamStart(chunk.stream_id, chunk.offset, seq=chunk.seq, target_ms=self.settings.target_ms))
             self.log("info", "stream start", stream_id=chunk.stream_id, offset=chunk.offset)
         if res.late:
-            self.throttles["late"].add(chunks=1, samples=res.late)
+            self.notice("late", "dropped late audio", {"chunks": 1, "samples": res.late})
         if res.overflow:
-            self.throttles["overflow"].add(events=1, samples=res.overflow)
+            self.notice("overflow", "dropped overflow audio", {"events": 1, "samples": res.overflow})
 
     def _played(self, blocks: list[tuple[ReadResult, int]]) -> None:
         """Per-chunk e2e latency, underruns and drains of the blocks the sink just played."""
         for res, t_out in blocks:
             for s in res.starts:
                 e2e_ns = t_out + s.index * NS_PER_SAMPLE - s.t_capture_ns
-                self.telemetry.chunk_timing(stream_id=s.stream_id, seq=s.seq, offset=s.offset,
-                                            e2e_ms=round(e2e_ns / 1e6, 3), fill_ms=round(self.jb.fill_ms, 3))
+                self.publish(PlaybackChunk(s.stream_id, s.seq, s.offset, round(e2e_ns / 1e6, 3),
+                                           round(self.jb.fill_ms, 3)))
             if res.underruns or res.invented:
-                self.throttles["underrun"].add(underruns=res.underruns, samples=res.invented)
+                self.notice("underrun", "underrun", {"underruns": res.underruns, "samples": res.invented}, Underrun,
+                            stream_id=self.jb.stream_id, total=self.jb.stats.underruns)
             if res.drained:
                 stream_id, source_end = res.drained
-                self.event("drained", stream_id=stream_id, source_end=source_end)
+                self.publish(Drained(stream_id, source_end))
                 self.log("info", "stream drained", stream_id=stream_id, source_end=source_end)
 
-    def _report(self, now: float) -> None:
-        """Counters from the buffer, receiver and sink; throttled reports of frequent trouble."""
-        self.counters.update(vars(self.jb.stats))
-        self.counters.update(self.sink.counters())
-        for r in self.recorders:
-            self.counters.update(r.counters())
-        self.counters["rejected"] = self.receiver.rejected
-        self.counters["redials"] = self.redials
-        self.counters["received"] = self.receiver.received
-        if self.receiver.rejected > self.rejects_seen:
-            self.throttles["reject"].add(rejected=self.receiver.rejected - self.rejects_seen)
-            self.rejects_seen = self.receiver.rejected
-        underrun = self.throttles["underrun"].take(now)
-        if underrun:
-            self.event("underrun", stream_id=self.jb.stream_id, **underrun, total=self.jb.stats.underruns)
-            self.log("warning", "underrun", **underrun, total=self.jb.stats.underruns)
-        for cause in ("late", "overflow"):
-            drops = self.throttles[cause].take(now)
-            if drops:
-                self.log("warning", f"dropped {cause} audio", **drops)
-        reject = self.throttles["reject"].take(now)
-        if reject:
-            self.event("reject", reason=self.receiver.last_reject, **reject, total=self.rejects_seen)
-            self.log("warning", "rejected messages", reason=self.receiver.last_reject, **reject,
-                     total=self.rejects_seen)
-
-    def status(self) -> dict[str, Any]:
+    def status(self) -> PlaybackStatus | None:
         if self.sink is None:
-            return {}
-        return {"sink": self.settings.sink, **({"record": self.settings.record} if self.settings.record else {}),
-                "target_ms": self.settings.target_ms, "fill_ms": round(self.jb.fill_ms, 3),
-                "stream_id": self.jb.stream_id, **self._output_status()}
+            return None
+        return PlaybackStatus(self.settings.sink, self.settings.target_ms, round(self.jb.fill_ms, 3),
+                              self.jb.stream_id, self.settings.record or None, **self._output_status())
 
     def _output_status(self) -> dict[str, Any]:
         return {**self.sink.status(), **{k: v for r in self.recorders for k, v in r.status().items()}}

@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 
-from services.jitter import SAMPLE_RATE, ReadResult
+from common import telemetry
+from common.audio import SAMPLE_RATE
+from common.files import write_atomic
+from services.jitter import ReadResult
 
 MAX_FILE_GAP_S = 600           # a timeline jump larger than this ends the file instead of padding it
 #: libsndfile's sf_command that rewrites the header for the data written so far. soundfile has
@@ -55,13 +59,13 @@ class WavRecorder:
     """
 
     def __init__(self, path: str, setting: str, prefix: str, log: Callable[..., None],
-                 event: Callable[..., None]):
+                 publish: Callable[..., None]):
         self.path = os.path.abspath(path)
         self.setting = setting
         self.prefix = prefix
         self.label = "file sink" if prefix == "file" else f"{prefix} file"  # in log lines
         self.log = log
-        self.event = event
+        self.publish = publish
         self.file: sf.SoundFile | None = None
         self.stream: str | None = None
         self.written = 0
@@ -128,11 +132,8 @@ class WavRecorder:
         if self.state_path is None:
             return
         state = {"path": self.path, "parent": os.getppid(), "stream_id": self.stream, "done": done}
-        tmp = f"{self.state_path}.tmp"
         try:
-            with open(tmp, "w") as f:
-                json.dump(state, f)
-            os.replace(tmp, self.state_path)
+            write_atomic(self.state_path, json.dumps(state))
         except OSError as exc:
             self.log("warning", f"{self.setting}: cannot keep the restart state; a restart will start "
                      "the file afresh", state=self.state_path, error=exc.strerror or str(exc))
@@ -197,7 +198,7 @@ class WavRecorder:
         self._save_state(done=True)
         self.log("error", f"{self.setting}: writing the file failed; it keeps what it holds and gets "
                  "nothing more (playback goes on)", path=self.path, error=error, samples=self.written)
-        self.event("sink_error", path=self.path, error=error, samples=self.written)
+        self.publish(telemetry.SinkError(self.path, error, self.written))
 
     def _error_text(self, exc: Exception) -> str:
         """libsndfile's own message names the system error ("No space left on device")."""
@@ -239,11 +240,11 @@ class WavRecorder:
         return {f"{self.prefix}_samples": self.written, f"{self.prefix}_open": self.file is not None}
 
 
-def make_recorders(settings, log: Callable[..., None], event: Callable[..., None]) -> list[WavRecorder]:
+def make_recorders(settings, log: Callable[..., None], publish: Callable[..., None]) -> list[WavRecorder]:
     """The WAV recorders ``settings`` ask for: the ``file:`` sink's and ``record``'s."""
     out = []
     if settings.sink.startswith("file:"):
-        out.append(WavRecorder(settings.sink.partition(":")[2], "playback.sink", "file", log, event))
+        out.append(WavRecorder(settings.sink.partition(":")[2], "playback.sink", "file", log, publish))
     if settings.record:
-        out.append(WavRecorder(settings.record, "playback.record", "record", log, event))
+        out.append(WavRecorder(settings.record, "playback.record", "record", log, publish))
     return out

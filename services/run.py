@@ -27,7 +27,10 @@ import xmlrpc.client
 from pathlib import Path
 
 from common.config import PipelineConfigError, add_config_arguments
+from common.files import write_atomic
+from common.telemetry import Drained, Status
 from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP
+from services.base import SETUP_FAILED, read_exit_record
 
 REPO = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = REPO / "supervisord.conf"
@@ -122,23 +125,21 @@ def prepare_artifact(cfg, services: list[str]) -> None:
     then falls back to eager PyTorch. Bad settings are left for the service to report.
     """
     from models.backends import NO_EXPORT_ENV, ensure_artifact, export_possible, gpu_wanted
-    from services.base import model_settings, parse_settings
-    from services.inference import INFERENCE_SCHEMA
+    from services.base import model_spec
+    from services.inference import InferenceSettings
 
     if "inference" not in services or os.environ.get(NO_EXPORT_ENV, "") not in ("", "0"):
         return
     try:
-        m, s = model_settings(cfg), parse_settings(cfg, "inference", INFERENCE_SCHEMA)
+        m, spec = model_spec(cfg)
+        s = cfg.settings("inference", InferenceSettings)
     except PipelineConfigError:
         return
     wanted = (s.backend == "auto" and not gpu_wanted(s.device)) or (s.backend == "onnx" and not s.artifact)
     if m.kind != "llvc" or not wanted or not export_possible():
         return
-    # Relative paths are relative to the repository root, where the services run.
-    checkpoint, config = (str(REPO / p) if p else "" for p in (m.checkpoint, m.config))
     try:
-        ensure_artifact(checkpoint, config, m.chunk_factor, threads=s.threads,
-                        log=lambda line: print(f"llvc run: {line}", flush=True))
+        ensure_artifact(spec, threads=s.threads, log=lambda line: print(f"llvc run: {line}", flush=True))
     except Exception as exc:  # noqa: BLE001 - whatever failed, the pipeline still runs (on eager)
         why = " ".join(str(exc).split())[:300] or type(exc).__name__
         print(f"llvc run: warning: could not export the ONNX step ({why}); inference falls back to eager PyTorch",
@@ -148,16 +149,16 @@ def prepare_artifact(cfg, services: list[str]) -> None:
 def say_default_model(cfg, services: list[str]) -> None:
     """One line naming the embedded demo voice when inference runs here on it (no checkpoint or
     config given); bad settings are left for the service to report."""
-    from models.config import demo_model_line, resolve_model_files
-    from services.base import model_settings
+    from models.spec import demo_model_line
+    from services.base import model_spec
 
     if "inference" not in services:
         return
     try:
-        m = model_settings(cfg)
+        m, spec = model_spec(cfg)
     except PipelineConfigError:
         return
-    if m.kind == "llvc" and resolve_model_files(m.checkpoint, m.config).demo:
+    if m.kind == "llvc" and spec.demo:
         print(demo_model_line("llvc run"), flush=True)
 
 
@@ -240,30 +241,35 @@ class Supervisor:
                 pass
 
 
-def _setup_failure(run_dir: Path, name: str) -> str | None:
-    """The cause, if the program's newest process ended in its one-line ``cannot start:`` error.
-
-    Judged by whichever came last in its log, ``cannot start:`` or ``started``, so a process
-    that started fine and crashed later is not mistaken for a configuration error.
-    """
-    log = run_dir / f"{name}.log"
-    if not log.exists():
-        return None
-    for line in reversed(log.read_text(errors="replace").splitlines()):
-        if f" {name} ERROR cannot start: " in line:
-            return line.split("cannot start: ", 1)[1]
-        if f" {name} INFO started " in line:
-            return None
-    return None
-
-
 def _last_error(run_dir: Path, name: str) -> str:
+    """What a failed program said last: its exit record's error, else its log's last error line."""
+    record = read_exit_record(run_dir, name)
+    if record and record.get("error"):
+        return str(record["error"])
     log = run_dir / f"{name}.log"
     if not log.exists():
         return "no log"
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if " ERROR " in line]
     return (errors or lines or ["no output"])[-1]
+
+
+def check_program(run_dir: Path, name: str, info: dict) -> None:
+    """Raise :class:`RunError` if program ``name`` cannot run, judged by its supervisord state and
+    the exit status its process recorded (``services.base.read_exit_record``).
+
+    A setup failure (exit status ``SETUP_FAILED``: bad config, missing file, port in use) cannot
+    be helped by retrying: it is reported at once, whatever supervisord would do next (it may
+    have outlived ``startsecs`` while importing torch, or be in BACKOFF before its retries). A
+    program supervisord gave up on (FATAL) is reported with its last error.
+    """
+    state = info["statename"]
+    if state in ("BACKOFF", "EXITED", "FATAL"):
+        record = read_exit_record(run_dir, name)
+        if record is not None and record.get("status") == SETUP_FAILED:
+            raise RunError(f"{name} cannot start: {record.get('error')}")
+    if state == "FATAL":
+        raise RunError(f"{name} failed: {_last_error(run_dir, name)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -300,10 +306,10 @@ def run(args: argparse.Namespace) -> int:
         # Validate with exactly what the services will see.
         from common.config import load_pipeline_config
         from common.security import SecurityError, load_keys
-        from services.base import chunk_geometry
+        from services.base import model_spec
 
         cfg = load_pipeline_config(env.get("LLVC_PIPELINE_CONFIG"), env=env)
-        chunk_geometry(cfg)
+        model_spec(cfg)
         if cfg.security.curve:  # our own telemetry tap needs them too: say so before starting anything
             load_keys(cfg.security.keys_dir)
     except (PipelineConfigError, SecurityError) as exc:
@@ -330,12 +336,11 @@ def run(args: argparse.Namespace) -> int:
         next_check = 0.0
         while stop["signal"] is None:
             msg = events.recv(timeout_ms=100)
-            if msg is not None:
-                if msg.service == "monitor" and msg.data.get("event") == "status":
-                    print(msg.data.get("line", ""), flush=True)
-                elif args.until_eof and msg.service == "playback" and msg.data.get("event") == "drained":
-                    print("llvc run: source played out", flush=True)
-                    break
+            if isinstance(msg, Status) and msg.service == "monitor":
+                print(msg.line, flush=True)
+            elif args.until_eof and isinstance(msg, Drained) and msg.service == "playback":
+                print("llvc run: source played out", flush=True)
+                break
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
@@ -349,17 +354,7 @@ def run(args: argparse.Namespace) -> int:
                         last_states[name] = state
                         if state in ("RUNNING", "BACKOFF", "FATAL", "EXITED"):
                             print(f"llvc run: {name} {state.lower()} (pid {info['pid'] or '-'})", flush=True)
-                    # Our services exit 2 on a setup error (bad config, missing file, port in
-                    # use): retrying cannot help, so say so now instead of letting supervisord
-                    # restart it forever (it may have outlived startsecs while importing torch).
-                    # Not by exit status: a process that exits within startsecs is BACKOFF with
-                    # no exit status, and would only be reported once FATAL, retries later.
-                    cause = (_setup_failure(run_dir, name)
-                             if state in ("BACKOFF", "EXITED", "FATAL") else None)
-                    if cause is not None:
-                        raise RunError(f"{name} cannot start: {cause}")
-                    if state == "FATAL":
-                        raise RunError(f"{name} failed: {_last_error(run_dir, name)}")
+                    check_program(run_dir, name, info)
         if stop["signal"] is not None:
             print("llvc run: interrupted, shutting down", flush=True)
             status = 130 if stop["signal"] == signal.SIGINT else 143
@@ -384,9 +379,7 @@ def run(args: argparse.Namespace) -> int:
         if args.report:
             out = Path(args.report)
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text(text + "\n")
-            tmp.replace(out)
+            write_atomic(out, text + "\n")
     elif status == 0 and "monitor" in services:
         print("llvc run: error: the monitor wrote no report", file=sys.stderr)
         status = 1

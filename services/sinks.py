@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
-from services.jitter import SAMPLE_RATE, JitterBuffer, ReadResult
+from common.audio import SAMPLE_RATE
+from common.devices import DeviceError, find_device
+from services.jitter import JitterBuffer, ReadResult
 from services.recorder import SinkError, WavRecorder
 from services.resample import PASSBAND, StreamResampler, supported
 
@@ -46,6 +49,39 @@ RESAMPLE_QUALITY = "QQ"
 #: Stopband of the playback resampler, as a fraction of 16 kHz: images of the passband (7 kHz)
 #: start at 9 kHz, and a stopband from there halves the filter (and its delay) against 8 kHz.
 PLAYBACK_STOPBAND = 1 - PASSBAND
+
+
+class Sink(Protocol):
+    """What playback drives: an output with its own clock that takes audio out of the buffer.
+
+    Every sink hands each 16 kHz block it reads to its :attr:`recorders` (the WAV files).
+    """
+
+    recorders: list[WavRecorder]
+
+    def open(self) -> None:
+        """Acquire what the sink plays to; raise :class:`SinkError` if it cannot (exit 2)."""
+
+    def start(self, now_ns: int) -> None:
+        """Start the clock; the first block is due now."""
+
+    def describe(self) -> dict[str, Any]:
+        """Fields for the "sink open" log line."""
+
+    def next_due_ns(self) -> int:
+        """When :meth:`pump` should run next (monotonic ns)."""
+
+    def pump(self, jb: JitterBuffer, now_ns: int) -> list[tuple[ReadResult, int]]:
+        """Read what is due from ``jb``; each block read with the monotonic ns it reaches the output."""
+
+    def counters(self) -> dict[str, int]:
+        """Cumulative counters (mirrored into the heartbeat)."""
+
+    def status(self) -> dict[str, Any]:
+        """Fields of :class:`~common.telemetry.PlaybackStatus` this sink fills."""
+
+    def close(self) -> None:
+        """Release the sink (idempotent)."""
 
 
 # --------------------------------------------------------------------------- paced sink
@@ -149,21 +185,11 @@ class DeviceSink:
 
     # ------------------------------------------------------------------ opening
     def _resolve(self, sd) -> int:
-        outputs = [(i, d["name"]) for i, d in enumerate(sd.query_devices()) if d["max_output_channels"] > 0]
-        listing = ", ".join(f"{i} {name!r}" for i, name in outputs) or "none"
-        ids = [i for i, _ in outputs]
-        name = self.device
-        if name in ("", "default"):
-            found = [sd.default.device[1]]
-        elif name.isdigit():
-            found = [int(name)]
-        else:
-            exact = [i for i, n in outputs if n.lower() == name.lower()]
-            found = exact or [i for i, n in outputs if name.lower() in n.lower()]
-        if len(found) == 1 and found[0] in ids:
-            return found[0]
-        what = "matches several output devices" if len(found) > 1 else "is not an output device"
-        raise SinkError(f"playback.sink: {name or 'default'!r} {what} (output devices: {listing})")
+        try:
+            index, _ = find_device(self.device, list(sd.query_devices()), sd.default.device[1], "output")
+        except DeviceError as exc:
+            raise SinkError(f"playback.sink: {exc}") from None
+        return index
 
     def open(self) -> None:
         try:
@@ -304,7 +330,7 @@ class DeviceSink:
             self.stream = None
 
 
-def make_sink(settings, log: Callable[..., None]):
+def make_sink(settings, log: Callable[..., None]) -> Sink:
     """The sink for ``settings.sink``."""
     if settings.sink.startswith("device:"):
         return DeviceSink(settings.sink, settings.device_latency, log)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import soxr
 
-from common.audio import read_audio
-from common.protocol import SAMPLE_RATE
+from common.audio import SAMPLE_RATE, read_audio
+from common.devices import DeviceError, find_device
 
 from .resample import StreamResampler, supported
 
@@ -158,45 +159,6 @@ def make_paced_source(kind: str, arg: str, settings: Any) -> PacedSource:
 
 
 # --------------------------------------------------------------------------- devices
-def parse_latency(value: str | float) -> str | float:
-    """``device_latency`` as sounddevice wants it: ``"low"``, ``"high"`` or seconds.
-
-    Raises :class:`SourceError` (what is allowed, not the value) otherwise.
-    """
-    if isinstance(value, str) and value in ("low", "high"):
-        return value
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise SourceError('must be "low", "high" or seconds') from None
-    if not 0 < seconds < 10:
-        raise SourceError("must be in (0, 10) seconds")
-    return seconds
-
-
-def find_input_device(spec: str, devices: list[dict], default: int = -1) -> tuple[int, dict]:
-    """The input device ``spec`` names: an index, or a case-insensitive name substring.
-
-    ``""`` is the default input device. An exact name beats a substring; among substring
-    matches the first wins. Anything else raises :class:`SourceError` listing the input devices.
-    """
-    inputs = [(i, d) for i, d in enumerate(devices) if d.get("max_input_channels", 0) > 0]
-    if spec == "":
-        match = [(i, d) for i, d in inputs if i == default]
-    elif spec.isdigit():
-        match = [(i, d) for i, d in inputs if i == int(spec)]
-    else:
-        want = spec.casefold()
-        match = ([(i, d) for i, d in inputs if d["name"].casefold() == want]
-                 or [(i, d) for i, d in inputs if want in d["name"].casefold()])
-    if match:
-        return match[0]
-    listing = "; ".join(f"{i}: {d['name']} ({d['max_input_channels']} ch, {d['default_samplerate']:g} Hz)"
-                        for i, d in inputs) or "none, PortAudio lists no input devices"
-    what = "no default input device" if spec == "" else f"no input device matches {spec!r}"
-    raise SourceError(f"{what} (input devices: {listing})")
-
-
 class DeviceInput:
     """One open input stream's data path: callback → bounded queue → mono 16 kHz → framer.
 
@@ -339,7 +301,10 @@ def resolve_input_device(spec: str) -> tuple[Any, int, dict, int, int]:
         import sounddevice as sd
     except OSError as exc:  # the PortAudio library itself is missing
         raise SourceError(f"device input needs PortAudio: {exc}") from None
-    index, info = find_input_device(spec, list(sd.query_devices()), sd.default.device[0])
+    try:
+        index, info = find_device(spec, list(sd.query_devices()), sd.default.device[0], "input")
+    except DeviceError as exc:
+        raise SourceError(str(exc)) from None
     rate = int(round(info["default_samplerate"]))
     try:
         sd.check_input_settings(device=index, channels=1, samplerate=rate, dtype="float32")

@@ -1,46 +1,15 @@
 """Helpers for tests that open real ZeroMQ sockets: configs on free ports, chunks, waiting."""
 from __future__ import annotations
 
-import itertools
-import os
-import socket
-import tempfile
 import time
 
 import numpy as np
 
-from common.config import load_pipeline_config
+from common.config import REQUIRED_ENDPOINTS, load_pipeline_config
 from common.protocol import AudioChunk
+from services.lab.endpoints import endpoint_overrides, free_port  # noqa: F401 - the tests' helpers too
 
-ENDPOINTS = ("audio_in", "audio_out", "telemetry_capture", "telemetry_inference",
-             "telemetry_playback", "telemetry_monitor")
-_ipc_counter = itertools.count()
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago, never the same one twice."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-
-
-def endpoint_overrides(scheme: str = "tcp") -> list[str]:
-    """``--set`` overrides putting all six endpoints on fresh tcp ports or ipc paths."""
-    out = []
-    for name in ENDPOINTS:
-        if scheme == "tcp":
-            address = f"tcp://127.0.0.1:{free_port()}"
-        else:
-            address = f"ipc://{tempfile.gettempdir()}/llvc-test-{os.getpid()}-{next(_ipc_counter)}"
-        out.append(f"endpoints.{name}.connect={address}")
-    return out
+ENDPOINTS = tuple(REQUIRED_ENDPOINTS)
 
 
 def make_config(scheme: str = "tcp", *extra: str):
@@ -83,3 +52,14 @@ def stop_process(proc, timeout: float = 10.0) -> tuple[str, float]:
             proc.kill()
             proc.wait()
     return err, time.monotonic() - t0
+
+
+def wire(record) -> dict:
+    """A telemetry record's ``data`` as it is on the wire, without the schema version."""
+    return {k: v for k, v in record.to_data().items() if k != "schema"}
+
+
+def flat(record) -> dict:
+    """:func:`wire`, with a heartbeat's status merged in (how tests read a service's heartbeat)."""
+    data = wire(record)
+    return {**data, **(data.pop("status", None) or {})}

@@ -89,7 +89,7 @@ def pulse(tmp_path_factory):
     Clients need its ``env`` (``PULSE_SERVER`` and ``ALSA_CONFIG_PATH``); PortAudio then lists
     ``llvc_in``, ``llvc_out``, ``pulse`` and ``default``. Skips where PulseAudio is not installed.
     """
-    from pulse import PulseServer
+    from services.lab.pulse import PulseServer
 
     if not PulseServer.available():
         pytest.skip("PulseAudio is not installed (pulseaudio, pulseaudio-utils): no virtual sound devices")

@@ -9,12 +9,12 @@ import json
 
 import pytest
 
-from common.cli import main
 from models import bench
 from models.bench import BACKENDS, TOLERANCE, choose_backend, run_bench
-from models.config import demo_model_line
 from models.llvc import GroupedPointwise
+from models.spec import demo_model_line
 from models.streaming import StreamingEngine
+from services.cli import main
 
 QUICK = dict(chunk_factors=(1,), threads_list=(1,), seconds=1.0, warmup=2)
 
@@ -38,7 +38,7 @@ def test_report_structure_and_eager_matches_reference(report):
     [s] = report["settings"]
     assert (s["chunk_factor"], s["threads"], s["chunk_len"]) == (1, 1, 208)
     assert list(s["backends"]) == ["reference", "eager"] and s["unavailable"] == {}
-    for name, b in s["backends"].items():
+    for b in s["backends"].values():
         assert len(b["times_ms"]) == b["chunks"] == s["chunks"]
         assert b["ratio_vs_reference"] > 0 and b["rtf"] > 0 and b["first_chunk_ms"] > 0
         assert b["median_ms"] <= b["p95_ms"] <= b["p99_ms"] <= b["max_ms"]
@@ -145,6 +145,8 @@ def test_plot_is_a_png_with_a_panel_per_setting(report, tmp_path):
 
 
 def test_cold_start_times_the_service_to_its_first_output():
-    r = bench.cold_start(chunk_factor=1, threads=1, timeout=60)
+    from services.lab.coldstart import cold_start
+
+    r = cold_start(chunk_factor=1, threads=1, timeout=60)
     assert "error" not in r, r
     assert r["first_output_s"] > 0 and r["rss_mib"] > 0 and r["output_offset"] == 0

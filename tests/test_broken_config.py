@@ -15,15 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from bus_helpers import endpoint_overrides, free_port
-from harness import LLVC
+from services.lab.endpoints import private_sets
+from services.lab.harness import LLVC
 from test_pipeline_run import processes_of
 
 LIMIT_S = 60  # generous: a failed start is reported in a few seconds
-
-
-def private_sets() -> list[str]:
-    return [*endpoint_overrides("tcp"), f"monitor.metrics_port={free_port()}"]
 
 
 def llvc_run(run_dir: Path, sets: list[str], *args: str) -> subprocess.CompletedProcess:

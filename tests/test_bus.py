@@ -17,6 +17,7 @@ from bus_helpers import chunk, make_config, wait_until
 from common.bus import Bus, BusError
 from common.protocol import encode, max_message_bytes
 from common.security import SecurityError, init_keys, load_keys
+from common.telemetry import Drained, Heartbeat, Underrun, make_message
 
 LLVC = Path(sys.executable).parent / "llvc"
 
@@ -148,9 +149,11 @@ def test_telemetry_taps_attach_and_detach_freely():
         events = monitor.subscriber(["event."])
         everything = monitor.subscriber()
 
+        underrun = Underrun("s1", 1, 56, 3)
+
         def published_and_seen(sub, topic_prefix):
-            pub.event("underrun", missing_ms=3.5)
-            pub.heartbeat(state="ok")
+            pub.publish(underrun)
+            pub.publish(Heartbeat(True, 1.0, {}))
             msg = sub.recv(timeout_ms=50)
             return msg is not None and msg.topic.startswith(topic_prefix)
 
@@ -158,11 +161,11 @@ def test_telemetry_taps_attach_and_detach_freely():
         assert wait_until(lambda: published_and_seen(everything, ""), timeout=5)
         # The event-only tap never sees a heartbeat.
         seen = [events.recv(timeout_ms=100) for _ in range(20)]
-        assert all(m is None or m.type == "event" for m in seen)
+        assert all(m is None or isinstance(m, Underrun) for m in seen)
         ev = next(m for m in seen + [events.recv(timeout_ms=500)] if m is not None)
-        assert ev.data == {"event": "underrun", "missing_ms": 3.5} and ev.pid == os.getpid()
+        assert ev == underrun and ev.pid == os.getpid() and ev.service == "playback"  # typed, with its origin
         events.socket.close()  # a tap leaves; publishing goes on unaffected
-        assert all(pub.heartbeat(i=i) for i in range(100))
+        assert all(pub.publish(Heartbeat(True, float(i), {})) for i in range(100))
         assert pub.dropped == 0
 
 
@@ -201,7 +204,8 @@ def test_curve_authorized_client_delivers(keys, wildcard_bind):
         assert got and got[0].seq == 5
         pub = inference.publisher()
         sub = monitor.subscriber(["heartbeat."])
-        assert wait_until(lambda: pub.heartbeat() and sub.recv(timeout_ms=50) is not None, timeout=5)
+        assert wait_until(lambda: pub.publish(Heartbeat(True, 1.0, {})) and sub.recv(timeout_ms=50) is not None,
+                          timeout=5)
 
 
 def _raw_pusher(address: str, keys=None, client_pair=None) -> zmq.Socket:
@@ -270,18 +274,25 @@ def test_subscriber_rejects_malformed_telemetry_and_keeps_going():
             sub = monitor.subscriber()
             from common.protocol import make_telemetry
 
-            good = make_telemetry("playback", "event", {"event": "drop"})
+            good = make_message("playback", Drained("s", 100))
+            unfit = make_telemetry("playback", "event", {"schema": [1, 0], "event": "drained"})  # no fields
             bad = [[b"event.playback", os.urandom(50)], [b"event.playback"],
-                   [b"event.other", encode(good)]]  # topic frame that lies about the message
+                   [b"event.other", encode(good)],  # topic frame that lies about the message
+                   [unfit.topic.encode(), encode(unfit)]]  # a valid envelope, its record not
 
             def round_trip():
                 for frames in bad:
                     raw.send_multipart(frames)
                 raw.send_multipart([good.topic.encode(), encode(good)])
-                return sub.recv(timeout_ms=50) is not None
+                return sub.recv(timeout_ms=50) == Drained("s", 100)
 
             assert wait_until(round_trip, timeout=5)
-            assert wait_until(lambda: sub.recv(timeout_ms=20) is None and sub.rejected >= 3, timeout=5)
+            assert wait_until(lambda: sub.recv(timeout_ms=20) is None and sub.rejected >= 4, timeout=5)
+            # A record that does not fit its schema is rejected with the field at fault (sent last:
+            # once it has been read, nothing older is left).
+            raw.send_multipart([unfit.topic.encode(), encode(unfit)])
+            assert wait_until(lambda: sub.recv(timeout_ms=20) is None
+                              and sub.last_reject == "event.playback.drained.stream_id: missing", timeout=5)
     finally:
         raw.close()
 

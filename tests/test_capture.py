@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bus_helpers import endpoint_overrides
+from bus_helpers import endpoint_overrides, wire
 from common.bus import Bus
 from common.config import PipelineConfigError, load_pipeline_config
+from common.devices import DeviceError, find_device
+from common.telemetry import Heartbeat
+from models.geometry import StreamGeometry
 from services.capture import CaptureService, Framer
-from services.base import ChunkGeometry
-from services.sources import DeviceInput, SourceError, find_input_device
+from services.sources import DeviceInput
 
 LLVC = Path(sys.executable).parent / "llvc"
 CLIP = Path(__file__).parent / "data" / "1919-142785-0000.wav"
@@ -60,7 +62,7 @@ class Peers:
         self.chunks, self.events, self.beats, self.arrivals = [], [], [], []
         self._next_beat = 0.0
 
-    def bind_audio(self) -> "Peers":
+    def bind_audio(self) -> Peers:
         self.rx = self.inference.audio_receiver("audio_in")
         return self
 
@@ -77,7 +79,7 @@ class Peers:
                 return False
             if ready and (self.beats or step) and time.monotonic() >= self._next_beat:
                 for pub in self.pubs:
-                    pub.heartbeat(ready=True, counters={})
+                    pub.publish(Heartbeat(True, 0.0, {}))
                 self._next_beat = time.monotonic() + 0.1
             if step is not None:
                 step()
@@ -85,17 +87,17 @@ class Peers:
                 self.chunks.append(c)
                 self.arrivals.append(time.monotonic())
             while (m := self.sub.recv(0)) is not None:
-                (self.beats if m.type == "heartbeat" else self.events).append(m)
+                (self.beats if isinstance(m, Heartbeat) else self.events).append(m)
         return True
 
     def event(self, name: str):
-        return next((m.data for m in self.events if m.data["event"] == name), None)
+        return next((wire(m) for m in self.events if m.name == name), None)
 
     def close(self) -> None:
         for bus in (self.inference, self.playback, self.monitor):
             bus.close()
 
-    def __enter__(self) -> "Peers":
+    def __enter__(self) -> Peers:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -150,7 +152,7 @@ def test_file_source_follows_the_contract_in_real_time(cut):
     with Peers().bind_audio() as p:
         proc = spawn(p, "--source", f"file:{path}")
         try:
-            assert p.collect(lambda p: p.event("eof") and p.beats and p.beats[-1].data["state"] == "ended", 10)
+            assert p.collect(lambda p: p.event("eof") and p.beats and p.beats[-1].status.state == "ended", 10)
         finally:
             rc, err, _ = stop(proc)
     assert rc == 0, err
@@ -163,8 +165,8 @@ def test_file_source_follows_the_contract_in_real_time(cut):
     assert [c.source_end for c in chunks] == [None] * last + [len(x)] * 3
     assert p.event("eof") == {"event": "eof", "stream_id": chunks[0].stream_id, "source_end": len(x)}
     start = p.event("stream_start")
-    assert start == {"event": "stream_start", "stream_id": chunks[0].stream_id, "source": f"file:{path}",
-                     "chunk_len": CHUNK, "head_len": HEAD, "sample_rate": SR}
+    assert start == {"event": "stream_start", "stream_id": chunks[0].stream_id, "offset": 0,
+                     "source": f"file:{path}", "chunk_len": CHUNK, "head_len": HEAD, "sample_rate": SR}
     # Stamps on the paced schedule: exactly one sample's ns per sample (integer ns).
     for a, b in zip(chunks, chunks[1:]):
         assert abs((b.t_capture_ns - a.t_capture_ns) - (b.offset - a.offset) * NS_PER_SAMPLE) <= 1
@@ -172,9 +174,9 @@ def test_file_source_follows_the_contract_in_real_time(cut):
     # Real time: the whole stream took about its own duration to arrive, not a burst.
     span = (chunks[-1].end - chunks[0].end) / SR
     assert 0.8 * span <= p.arrivals[-1] - p.arrivals[0] <= span + 1.0
-    beat = p.beats[-1].data
-    assert beat["ready"] is True and beat["counters"]["chunks_sent"] == len(chunks)
-    assert beat["stream_id"] == chunks[0].stream_id and beat["offset"] == chunks[-1].end
+    beat = p.beats[-1]
+    assert beat.ready is True and beat.counters["chunks_sent"] == len(chunks)
+    assert beat.status.stream_id == chunks[0].stream_id and beat.status.offset == chunks[-1].end
 
 
 def test_chunk_factor_2_gives_416_sample_chunks(cut):
@@ -243,12 +245,12 @@ def test_without_ready_peers_it_starts_after_wait_ready_s():
     with Peers("capture.wait_ready_s=1.5", "bus.heartbeat_interval_s=0.2").bind_audio() as p:
         proc = spawn(p)
         try:
-            assert p.collect(lambda p: p.chunks and any(b.data["ready"] for b in p.beats), 10, ready=False)
+            assert p.collect(lambda p: p.chunks and any(b.ready for b in p.beats), 10, ready=False)
         finally:
             rc, err, _ = stop(proc)
-    assert any(b.data["state"] == "waiting" and b.data["ready"] is False for b in p.beats)
+    assert any(b.status.state == "waiting" and b.ready is False for b in p.beats)
     beat = p.beats[0]
-    started_ns = beat.t_mono_ns - beat.data["uptime_s"] * 1e9
+    started_ns = beat.origin.t_mono_ns - beat.uptime_s * 1e9
     assert 1.2 <= (p.chunks[0].t_capture_ns - started_ns) / 1e9 <= 3.5
     assert p.chunks[0].offset == 0  # audio_in was connected all along: the head got through
     assert "starting anyway" in err and "not_ready=inference,playback" in err and rc == 0
@@ -258,16 +260,16 @@ def test_drops_are_counted_while_nobody_receives_and_the_stream_goes_on():
     with Peers("capture.wait_ready_s=0") as p:
         proc = spawn(p)
         try:
-            assert p.collect(lambda p: any(b.data["counters"].get("dropped_capture_send", 0) > 5 for b in p.beats),
+            assert p.collect(lambda p: any(b.counters.get("dropped_capture_send", 0) > 5 for b in p.beats),
                              10, ready=False)
             p.bind_audio()
             assert p.collect(lambda p: len(p.chunks) >= 3, 10, ready=False)
         finally:
             stop(proc)
-    beat = next(b.data for b in p.beats if b.data["counters"].get("dropped_capture_send", 0) > 5)
-    assert beat["counters"].get("chunks_sent", 0) == 0 and beat["offset"] > 5 * CHUNK
+    beat = next(b for b in p.beats if b.counters.get("dropped_capture_send", 0) > 5)
+    assert beat.counters.get("chunks_sent", 0) == 0 and beat.status.offset > 5 * CHUNK
     first = p.chunks[0]
-    assert first.offset > beat["offset"] and first.seq == 1 + (first.offset - HEAD) // CHUNK
+    assert first.offset > beat.status.offset and first.seq == 1 + (first.offset - HEAD) // CHUNK
     assert all(b.offset == a.end and b.seq == a.seq + 1 for a, b in zip(p.chunks, p.chunks[1:]))
 
 
@@ -318,7 +320,8 @@ class FakeCard:
     def __init__(self, rate: int, queue_blocks: int = 4, jitter_s: float = 0.0):
         self.rate, self.block, self.jitter_s = rate, rate // 100, jitter_s
         self.sent = []
-        framer = Framer(ChunkGeometry(CHUNK, HEAD, SR), lambda c: self.sent.append(c) or True, lambda *a: None)
+        framer = Framer(StreamGeometry(CHUNK, HEAD, 2 * HEAD, SR), lambda c: self.sent.append(c) or True,
+                        lambda *a: None)
         self.dev = DeviceInput(framer, rate, queue_blocks)
         self.dev.sync(stream_time=self.STREAM_T0, mono_ns=self.T0_NS)
         self.rng = np.random.default_rng(0)
@@ -379,22 +382,30 @@ def test_device_adc_time_jitter_is_smoothed():
     assert np.abs(card.stamp_errors_ns(settled)).max() < 500_000
 
 
-def test_input_device_is_found_by_index_or_name_substring():
-    devices = [{"name": "HDA Intel: ALC (hw:0,0)", "max_input_channels": 2, "default_samplerate": 44100.0},
-               {"name": "Speakers", "max_input_channels": 0, "default_samplerate": 48000.0},
-               {"name": "pulse", "max_input_channels": 32, "default_samplerate": 44100.0},
-               {"name": "USB Mic", "max_input_channels": 1, "default_samplerate": 48000.0}]
-    assert find_input_device("2", devices)[0] == 2
-    assert find_input_device("usb", devices)[0] == 3
-    assert find_input_device("PULSE", devices)[0] == 2
-    assert find_input_device("", devices, default=3)[0] == 3
-    listing = r"no input device matches '1' \(input devices: 0: HDA.*; 2: pulse.*; 3: USB Mic"
-    with pytest.raises(SourceError, match=listing):
-        find_input_device("1", devices)  # an output-only device is not an input
-    with pytest.raises(SourceError, match="Speakers"):
-        find_input_device("Speakers", devices)
-    with pytest.raises(SourceError, match="PortAudio lists no input devices"):
-        find_input_device("x", [])
+def test_one_device_rule_for_inputs_and_outputs():
+    """common.devices.find_device: capture's device:SPEC and playback's alike."""
+    devices = [{"name": "HDA Intel: ALC (hw:0,0)", "max_input_channels": 2, "max_output_channels": 2,
+                "default_samplerate": 44100.0},
+               {"name": "Speakers", "max_input_channels": 0, "max_output_channels": 2, "default_samplerate": 48000.0},
+               {"name": "pulse", "max_input_channels": 32, "max_output_channels": 32, "default_samplerate": 44100.0},
+               {"name": "USB Mic", "max_input_channels": 1, "max_output_channels": 0, "default_samplerate": 48000.0},
+               {"name": "USB Mic 2", "max_input_channels": 1, "max_output_channels": 0, "default_samplerate": 48000.0}]
+    assert find_device("2", devices)[0] == 2
+    assert find_device("usb mic", devices)[0] == 3  # an exact name beats the substring it also is
+    assert find_device("PULSE", devices)[0] == 2
+    assert find_device("", devices, default=3)[0] == 3 and find_device("default", devices, default=2)[0] == 2
+    assert find_device("speak", devices, direction="output")[0] == 1
+    listing = r"no input device matches '1' \(input devices: 0: HDA.*; 2: pulse.*; 3: USB Mic.*; 4: USB Mic 2"
+    with pytest.raises(DeviceError, match=listing):
+        find_device("1", devices)  # an output-only device is not an input
+    with pytest.raises(DeviceError, match="Speakers"):
+        find_device("Speakers", devices)
+    with pytest.raises(DeviceError, match=r"'usb' matches several input devices"):
+        find_device("usb", devices)  # ambiguous: said, not guessed
+    with pytest.raises(DeviceError, match=r"no output device matches 'USB Mic' \(output devices: 0: HDA"):
+        find_device("USB Mic", devices, direction="output")
+    with pytest.raises(DeviceError, match="PortAudio lists no input devices"):
+        find_device("x", [])
 
 
 def test_default_input_device_streams_on_the_grid(pulse, monkeypatch):
@@ -408,12 +419,12 @@ def test_default_input_device_streams_on_the_grid(pulse, monkeypatch):
         finally:
             rc, err, took = stop(proc)
     assert rc == 0 and took < 3.0, err
-    sid = p.beats[-1].data["stream_id"]
+    sid = p.beats[-1].status.stream_id
     chunks = [c for c in p.chunks if c.stream_id == sid]
     assert all(b.offset == a.end and b.seq == a.seq + 1 for a, b in zip(chunks, chunks[1:]))
     assert all(c.n_samples == CHUNK and (c.offset - HEAD) % CHUNK == 0 for c in chunks[1:])
-    beat = p.beats[-1].data
-    assert beat["device"] and beat["device_rate"] > 0 and beat["ready"] is True
+    beat = p.beats[-1]
+    assert beat.status.device and beat.status.device_rate > 0 and beat.ready is True
     # Stamped at capture: before arrival, by less than the audio path can plausibly take.
     lag_ms = [(t * 1e9 - c.t_capture_ns) / 1e6 for t, c in zip(p.arrivals, p.chunks) if c.stream_id == sid]
     assert 0 < min(lag_ms) and max(lag_ms) < 500

@@ -413,7 +413,8 @@ def test_untrained_model_of_a_config(tmp_path, clip):
 # ------------------------------------------------------------------------------ 7: download
 
 
-def _snapshot(root: Path, ckpt: Path | None, config: Path | None, config_at: str = "experiments/llvc/config.json") -> Path:
+def _snapshot(root: Path, ckpt: Path | None, config: Path | None,
+              config_at: str = "experiments/llvc/config.json") -> Path:
     if ckpt is not None:
         dst = root / "models" / "checkpoints" / "llvc" / "G_500000.pth"
         dst.parent.mkdir(parents=True)

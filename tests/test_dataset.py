@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from common.cli import main
+from services.cli import main
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)"),

@@ -14,16 +14,26 @@ import pytest
 import soundfile as sf
 import torch
 
-from common.cli import main as llvc_main
 from conftest import DATA
 from models import config as model_config
 from models.backends import CACHE_ENV, cached_artifact_path, ensure_artifact
 from models.bench import TOLERANCE
 from models.checkpoint import load_model, read_state_dict
-from models.config import (DEFAULT_CONFIG_PATH, DEMO_CHECKPOINT, DEMO_CONFIG, ModelFiles, checkpoint_model_id,
-                           demo_description, file_digest, load_config, resolve_model_files)
+from models.config import (
+    DEFAULT_CONFIG_PATH,
+    DEMO_CHECKPOINT,
+    DEMO_CONFIG,
+    ModelFiles,
+    file_digest,
+    load_config,
+    resolve_model_files,
+)
+from models.spec import ModelSpec, checkpoint_model_id, demo_description
 from models.streaming import StreamingEngine
+from services.cli import main as llvc_main
 from test_streaming import assert_convert_equals_offline
+
+spec = ModelSpec.resolve
 
 CLIP = DATA / "174-50561-0000.wav"
 
@@ -65,7 +75,7 @@ def default_artifact(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
         logged: list[str] = []
-        yield ensure_artifact(None, None, 1, log=logged.append), logged
+        yield ensure_artifact(spec(None, None, 1), log=logged.append), logged
 
 
 def test_nothing_given_resolves_to_the_demo_files():
@@ -108,33 +118,34 @@ def test_demo_voice_converts_speech_and_streams_exactly(demo, speech):
 
 
 def test_default_artifact_key_is_the_demo_checkpoints_sha(tmp_path, monkeypatch):
-    default = cached_artifact_path(None, None, 1)
-    assert default == cached_artifact_path("", "", 1) == cached_artifact_path(DEMO_CHECKPOINT, DEMO_CONFIG, 1)
+    default = cached_artifact_path(spec(None, None, 1))
+    assert default == cached_artifact_path(spec("", "", 1))
+    assert default == cached_artifact_path(spec(DEMO_CHECKPOINT, DEMO_CONFIG, 1))
     assert default.name.startswith("demo_voice-cf1-")
-    untrained = {cached_artifact_path(None, DEFAULT_CONFIG_PATH, 1), cached_artifact_path(None, DEMO_CONFIG, 1)}
+    untrained = {cached_artifact_path(spec(None, config, 1)) for config in (DEFAULT_CONFIG_PATH, DEMO_CONFIG)}
     assert default not in untrained and len(untrained) == 2
     # A better-trained checkpoint in its place gets an artifact of its own.
     replaced = tmp_path / "demo_voice.pth"
     replaced.write_bytes(DEMO_CHECKPOINT.read_bytes() + b"\0")
     monkeypatch.setattr(model_config, "DEMO_CHECKPOINT", replaced)
-    assert cached_artifact_path(None, None, 1) not in (default, *untrained)
-    assert cached_artifact_path(None, None, 1) == cached_artifact_path(replaced, DEMO_CONFIG, 1)
+    assert cached_artifact_path(spec(None, None, 1)) not in (default, *untrained)
+    assert cached_artifact_path(spec(None, None, 1)) == cached_artifact_path(spec(replaced, DEMO_CONFIG, 1))
 
 
 def test_default_runs_on_onnx_runtime_from_the_cache(default_artifact, demo, speech):
     from models.onnx_engine import ArtifactError, OnnxEngine  # onnxruntime: the fixture skips without it
 
     path, logged = default_artifact
-    assert path == cached_artifact_path(None, None, 1)
+    assert path == cached_artifact_path(spec(None, None, 1))
     assert len(logged) == 1 and "the embedded demo voice (models/demo_voice.pth) cf 1" in logged[0]
-    assert ensure_artifact(None, None, 1, log=logged.append) == path and len(logged) == 1  # valid: kept
-    engine = OnnxEngine.for_model(path, None, None, 1)
+    assert ensure_artifact(spec(None, None, 1), log=logged.append) == path and len(logged) == 1  # valid: kept
+    engine = OnnxEngine.for_model(path, spec(None, None, 1))
     assert engine.trained and engine.model_id == demo[1].model_id
     assert engine.checkpoint_sha256 == file_digest(DEMO_CHECKPOINT)
     x = speech[:16000]
     assert float(np.abs(engine.convert(x) - StreamingEngine(demo[0], 1).convert(x)).max()) <= TOLERANCE
     with pytest.raises(ArtifactError, match="stale artifact"):  # a config alone: the untrained model
-        OnnxEngine.for_model(path, None, DEMO_CONFIG, 1)
+        OnnxEngine.for_model(path, spec(None, DEMO_CONFIG, 1))
 
 
 def test_convert_names_the_demo_voice_on_torch_and_onnx(default_artifact, demo, speech, tmp_path, capsys):

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bus_helpers import wait_until
 import common.devices
-from common.cli import main
+from bus_helpers import wait_until
 from common.devices import NO_DEVICES
+from services.cli import main
 from test_capture import Peers, spawn, stop
 from test_playback import Playback
 
@@ -68,6 +68,11 @@ def test_devices_lists_the_pulse_devices_as_a_table_and_as_json(pulse):
     assert [d["name"] for d in found] == ["llvc_out"]
     missing = devices(env, "--find", "no-such-device")
     assert missing.returncode == 1 and "no input device matches 'no-such-device'" in missing.stderr
+    # Playback's side, by the same rule: llvc_ is both llvc_in and llvc_out, so it names neither.
+    found = json.loads(devices(env, "--json", "--find", "LLVC_OUT", "--output").stdout)
+    assert [d["name"] for d in found] == ["llvc_out"]
+    ambiguous = devices(env, "--find", "llvc_", "--output")
+    assert ambiguous.returncode == 1 and "'llvc_' matches several output devices" in ambiguous.stderr
 
 
 def test_devices_without_a_sound_server_says_so_in_one_line(tmp_path):
@@ -112,9 +117,9 @@ def test_capture_device_source_hears_a_tone_played_into_the_input_sink(pulse, tm
         player.kill()
         player.wait()
     assert rc == 0, err
-    beat = p.beats[-1].data
-    assert beat["device"] == "llvc_in" and "input_overflows" in beat["counters"], beat  # what the monitor watches
-    x = np.concatenate([c.samples for c in p.chunks if c.stream_id == beat["stream_id"]])[-16_000:]
+    beat = p.beats[-1]
+    assert beat.status.device == "llvc_in" and "input_overflows" in beat.counters, beat  # what the monitor watches
+    x = np.concatenate([c.samples for c in p.chunks if c.stream_id == beat.status.stream_id])[-16_000:]
     assert abs(dominant_hz(x, 16_000) - HZ) <= 5
     assert 0.8 * LEVEL < np.sqrt(2 * np.mean(x ** 2)) < 1.2 * LEVEL  # the tone's level, not a trace of it
 

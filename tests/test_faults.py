@@ -1,9 +1,9 @@
 """Faults on the running pipeline: services killed and restarted, inference overloaded.
 
 Real everything: ``llvc run`` starts supervisord and the four services; faults are SIGKILL, the
-real ``supervisorctl restart``, and a slow inference (the test-only ``inference.debug_delay_ms``,
-which sleeps inside each step exactly where a slow machine would spend the time). What happened
-is read from the telemetry bus (tests/harness.py). Recovery times are printed (``pytest -s``)
+real ``supervisorctl restart``, and a slow inference (the test hook ``LLVC_TEST_SLOW_STEP``, never
+a setting, which sleeps inside each step exactly where a slow machine would spend the time). What
+happened is read from the telemetry bus (services/lab/harness.py). Recovery times are printed (``pytest -s``)
 and benchmarked in scripts/bench_reliability.py; the assertions here are behaviour with wide
 margins, since CI machines are noisy.
 """
@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from bus_helpers import endpoint_overrides, free_port
-from harness import RunningPipeline, e2e_stats, restart_fault
+from common.telemetry import Heartbeat
+from models.spec import ModelSpec
+from services.inference import SLOW_STEP_ENV
+from services.lab.endpoints import private_sets
+from services.lab.harness import RunningPipeline, e2e_stats, restart_fault
 
 REF = Path(__file__).resolve().parent / "data" / "llvc-reference"
-CHUNK_MS = 13.0
 LLVC_FIXTURE = ["-p", str(REF / "ref_default.pth"), "-c", str(REF / "config.json")]
-
-
-def private_sets(*extra: str) -> list[str]:
-    return [*endpoint_overrides("tcp"), f"monitor.metrics_port={free_port()}", *extra]
+#: One chunk at chunk factor 1: the fixture's geometry, and the default model's (passthrough) too.
+CHUNK_MS = ModelSpec.resolve(REF / "ref_default.pth", REF / "config.json").geometry.chunk_ms
+assert CHUNK_MS == ModelSpec.resolve(None, None).geometry.chunk_ms
 
 
 def rss_kb(pid: int) -> int:
@@ -78,10 +79,13 @@ def test_each_service_restarted_in_turn_the_others_keep_running_and_audio_resume
     # (sockets close without lingering), so the report lies between the sums before and after.
     def summed(until_ns: float) -> int:
         last = {}
-        for t, msg in obs.select("heartbeat", "playback", m["t_back_ns"]):
+        for t, msg in obs.select(Heartbeat, "playback", m["t_back_ns"]):
             if t < until_ns:
-                last[msg.pid] = msg.data["counters"].get("underruns", 0)
+                last[msg.pid] = msg.counters.get("underruns", 0)
         return sum(last.values())
+    print(f"playback underruns: heartbeats up to the stop {summed(t_stop)}, in all {summed(float('inf'))}, "
+          f"report {report['underruns']}; per process: "
+          f"{ {msg.pid: msg.counters.get('underruns') for _, msg in obs.select(Heartbeat, 'playback')} }")
     assert summed(t_stop) <= report["underruns"] <= summed(float("inf")), report["underruns"]
 
     # A restarted capture starts a new stream; inference resets for it; playback starts it.
@@ -91,14 +95,14 @@ def test_each_service_restarted_in_turn_the_others_keep_running_and_audio_resume
     old_ids = {x.stream_id for x in obs.played() if x.t_ns < c["t_fault_ns"]}
     new_id = next(x.stream_id for x in obs.played(c["t_back_ns"]))
     assert new_id not in old_ids, "the restarted capture did not start a new stream"
-    resets = [d for _, d in obs.events("reset", "inference", c["t_fault_ns"]) if d["reason"] == "new_stream"]
-    assert resets and resets[0]["stream_id"] == new_id
-    assert new_id in [d["stream_id"] for _, d in obs.events("stream_start", "playback", c["t_fault_ns"])]
+    resets = [d for _, d in obs.events("reset", "inference", c["t_fault_ns"]) if d.reason == "new_stream"]
+    assert resets and resets[0].stream_id == new_id
+    assert new_id in [d.stream_id for _, d in obs.events("stream_start", "playback", c["t_fault_ns"])]
     # Playback's silence is the gap, not more: the new stream plays as soon as it arrives.
     assert c["silence_ms"] <= c["recovery_ms"] + 200, c
     # The monitor reported each restart (the events it publishes on the bus).
-    seen = {d["service"] for _, d in obs.events("service_restarted", "monitor")} | \
-        {d["service"] for _, d in obs.events("service_back", "monitor") if d["restarted"]}
+    seen = {d.service_name for _, d in obs.events("service_restarted", "monitor")} | \
+        {d.service_name for _, d in obs.events("service_back", "monitor") if d.restarted}
     assert {"capture", "playback", "inference"} <= seen, seen
 
 
@@ -107,9 +111,9 @@ def test_overloaded_inference_stays_bounded_is_reported_and_recovers(tmp_path):
     run_dir = tmp_path / "run"
     # 20 ms of work per 13 ms chunk, for 6 s after the first step; the passthrough model keeps
     # the rest of the machine quiet.
-    sets = private_sets("inference.debug_delay_ms=20", "inference.debug_delay_s=6",
-                        "monitor.status_interval_s=0.5")
-    with RunningPipeline(run_dir, ["--source", "tone", "--sink", "null", "--passthrough"], sets) as p:
+    sets = private_sets("monitor.status_interval_s=0.5")
+    with RunningPipeline(run_dir, ["--source", "tone", "--sink", "null", "--passthrough"], sets,
+                         env={SLOW_STEP_ENV: "20:6"}) as p:
         p.wait_streaming(0.5)
         obs = p.observer
         pid = p.pids()["inference"]
@@ -120,19 +124,24 @@ def test_overloaded_inference_stays_bounded_is_reported_and_recovers(tmp_path):
         time.sleep(3)
         rss1 = rss_kb(pid)
         during = e2e_stats(obs.played(t0))
+        during_s = (time.monotonic_ns() - t0) / 1e9
         assert obs_wait(lambda: obs.events("overload_cleared", "monitor"), 20), "overload never cleared"
         t_clear = obs.events("overload_cleared", "monitor")[0][0]
         time.sleep(3)
         after = e2e_stats(obs.played(t_clear + 1_000_000_000))
         counters = obs.counters("inference")
-        lines = [d["line"] for _, d in obs.events("status", "monitor")]
+        lines = [d.line for _, d in obs.events("status", "monitor")]
         report = p.stop()
+    played_rate = during["n"] / during_s / (1000 / CHUNK_MS)  # of real time's 77 chunks/s
     print(f"\noverload: e2e during p50 {during['p50']} p99 {during['p99']}, after p50 {after['p50']}; "
+          f"{during['n']} chunks played in {during_s:.1f} s ({100 * played_rate:.0f}% of real time); "
           f"inference RSS {rss0} -> {rss1} kB; backlog drops {counters.get('dropped_inference_backlog')}")
     # Bounded latency: inference drops backlog beyond max_backlog_ms (40), playback's timeline
-    # grows at most to max_ms (60); and what inference still produces (13 of every 20 ms) plays.
+    # grows at most to max_ms (60); and what inference still produces (at most 13 of every 20 ms,
+    # less the backlog it drops) keeps playing: measured 28-35% of real time here; the bound is
+    # wide because a busy 2-core machine slows everything further, and nothing at all would be 0.
     assert during["p99"] < 150, during
-    assert during["n"] > 3 * 77 * 0.3, during  # 77 chunks/s in real time
+    assert played_rate > 0.1, (during, during_s)
     assert counters["dropped_inference_backlog"] > 0
     assert rss1 - rss0 < 20_000, "memory grew while overloaded"  # kB; a queue would grow without bound
     assert any(line.startswith("OVERLOADED") for line in lines)

@@ -25,7 +25,9 @@ import zmq
 from bus_helpers import endpoint_overrides, make_config, stop_process, wait_until
 from common.bus import Bus
 from common.protocol import AudioChunk, encode
+from common.telemetry import Event, Heartbeat, InferenceChunk
 from models.config import DEFAULT_CONFIG_PATH
+from models.geometry import StreamGeometry
 from models.passthrough import PassthroughEngine
 from models.streaming import StreamingEngine
 from services.inference import InferenceService
@@ -101,6 +103,7 @@ class Harness:
                 next_beat = time.monotonic() + 0.2
             try:
                 self.svc.loop_once()
+                self.svc.flush_reports()  # as run_service does after every turn
             except BaseException as exc:  # the service must never raise on input: record it
                 self.errors.append(exc)
                 return
@@ -117,7 +120,7 @@ class Harness:
         torch.set_num_threads(self._threads)  # the service sets it process-wide
         assert not self.errors, self.errors
 
-    def __enter__(self) -> "Harness":
+    def __enter__(self) -> Harness:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -151,29 +154,30 @@ class Harness:
                 self.wait_outputs(before + c.n_samples // self.svc.engine.chunk_len)
 
     # ------------------------------------------------------------------ telemetry
-    def of_type(self, type_: str) -> list[dict]:
+    def of_type(self, kind: type) -> list:
+        """Every telemetry record of ``kind`` (a common.telemetry class) received so far."""
         self.poll()
-        return [t.data for t in self.telemetry if t.type == type_]
+        return [t for t in self.telemetry if isinstance(t, kind)]
 
-    def heartbeats(self) -> list[dict]:
-        return self.of_type("heartbeat")
+    def heartbeats(self) -> list[Heartbeat]:
+        return self.of_type(Heartbeat)
 
-    def events(self, name: str) -> list[dict]:
-        return [d for d in self.of_type("event") if d["event"] == name]
+    def events(self, name: str) -> list[Event]:
+        return [e for e in self.of_type(Event) if e.name == name]
 
     def counters(self, **at_least) -> dict:
         """Counters from the newest heartbeat, waiting until they reach ``at_least``."""
         def seen() -> bool:
             beats = self.heartbeats()
-            return bool(beats) and all(beats[-1]["counters"][k] >= v for k, v in at_least.items())
-        assert wait_until(seen, timeout=5), self.heartbeats()[-1]["counters"]
-        return self.heartbeats()[-1]["counters"]
+            return bool(beats) and all(beats[-1].counters[k] >= v for k, v in at_least.items())
+        assert wait_until(seen, timeout=5), self.heartbeats()[-1].counters
+        return self.heartbeats()[-1].counters
 
 
 # --------------------------------------------------------------------------- passthrough engine
 def test_passthrough_engine_outputs_the_stream_delayed_like_the_real_one(ref_default):
     x = np.random.default_rng(1).standard_normal(HEAD + 10 * C).astype(np.float32)
-    e = PassthroughEngine(C, HEAD, 16000)
+    e = PassthroughEngine(StreamGeometry(C, HEAD, 2 * HEAD, 16000))
     e.prime(x[:HEAD])
     out = np.concatenate([e.process(x[HEAD + k * C:HEAD + (k + 1) * C]) for k in range(10)])
     assert np.array_equal(out, x[:10 * C]) and e.state_is_finite()
@@ -183,9 +187,9 @@ def test_passthrough_engine_outputs_the_stream_delayed_like_the_real_one(ref_def
         e.process(x[:100])
     for cf in (1, 2):
         real = StreamingEngine(ref_default.model, cf)
-        fake = PassthroughEngine.from_config(ref_default.model.cfg, cf)
-        for attr in ("chunk_len", "head_len", "delay_samples", "latency_samples", "latency_s",
-                     "algorithmic_latency_s", "chunk_s", "sample_rate"):
+        fake = PassthroughEngine(StreamGeometry.of(ref_default.model.cfg, cf))
+        assert fake.geometry == real.geometry  # the same numbers, derived in one place
+        for attr in ("chunk_len", "head_len", "context_len", "chunk_s", "sample_rate", "chunk_factor"):
             assert getattr(fake, attr) == getattr(real, attr), attr
 
 
@@ -198,7 +202,7 @@ def test_outputs_reproduce_offline_conversion_with_source_timestamps(ref_default
     with Harness(cfg, checkpoint=str(REF / "ref_default.pth"), config=str(REF / "config.json")) as h:
         h.feed_paced(chunks)
         counters = h.counters(chunks_out=len(chunks) - 1)
-        timings, beat = h.of_type("chunk"), h.heartbeats()[-1]
+        timings, beat = h.of_type(InferenceChunk), h.heartbeats()[-1]
     out = h.outputs
     assert [c.offset for c in out] == [k * C * cf for k in range(len(chunks) - 1)]
     assert [c.seq for c in out] == list(range(len(out)))
@@ -213,13 +217,14 @@ def test_outputs_reproduce_offline_conversion_with_source_timestamps(ref_default
         assert stage.reset == (c.seq == 0) and stage.t_send_ns >= stage.t_recv_ns and stage.proc_ns > 0
     assert out[-1].source_end == n and out[0].source_end is None
     assert counters["dropped_inference_send"] == counters["resets"] - 1 == 0
-    assert len(h.events("reset")) == 1 and h.events("reset")[0]["reason"] == "new_stream"
-    assert {"stream_id", "seq", "offset", "proc_ms", "rtf", "queue_chunks", "reset"} <= timings[0].keys()
-    assert timings[0]["reset"] and not timings[1]["reset"] and timings[5]["rtf"] > 0
-    assert beat["ready"] and beat["kind"] == "llvc" and beat["untrained"] is False
-    assert beat["chunk_len"] == C * cf and beat["stream_id"] == "s" and beat["device"] == "cpu"
-    assert beat["latency_ms"] == pytest.approx((C * cf + 16) / 16) and beat["threads"] == 1
-    assert beat["algorithmic_latency_ms"] == pytest.approx((C * cf + 32) / 16)
+    assert len(h.events("reset")) == 1 and h.events("reset")[0].reason == "new_stream"
+    assert [t.offset for t in timings] == [c.offset for c in out] and [t.seq for t in timings] == [c.seq for c in out]
+    assert timings[0].reset and not timings[1].reset and timings[5].rtf > 0 and timings[5].proc_ms > 0
+    st = beat.status
+    assert beat.ready and st.kind == "llvc" and st.untrained is False
+    assert st.chunk_len == C * cf and st.chunk_ms == C * cf / 16 and st.stream_id == "s" and st.device == "cpu"
+    assert st.latency_ms == pytest.approx((C * cf + 16) / 16) and st.threads == 1
+    assert st.algorithmic_latency_ms == pytest.approx((C * cf + 32) / 16)
 
 
 def test_passthrough_reframes_any_chunking_exactly():
@@ -233,7 +238,7 @@ def test_passthrough_reframes_any_chunking_exactly():
         for c in chunks:
             h.send(c)
             h.wait_outputs((c.end - HEAD) // C)
-        assert h.heartbeats()[-1]["model"] == "passthrough"
+        assert h.heartbeats()[-1].status.model == "passthrough"
     y = place(h.outputs)
     assert [c.offset for c in h.outputs] == [k * C for k in range(len(h.outputs))]
     assert np.array_equal(y, x[:len(y)]) and len(y) > len(x) - C - HEAD
@@ -257,7 +262,7 @@ def test_new_stream_resets_and_the_replaced_stream_is_dropped():
     assert len(from_a) == 5 and [c.offset for c in from_b] == [k * C for k in range(5)]
     assert [c.seq for c in from_b] == list(range(5)) and from_b[0].stages[-1].reset
     assert np.array_equal(place(from_b), x[::-1][:5 * C])
-    assert [(r["stream_id"], r["reason"], r["offset"]) for r in resets] == [("a", "new_stream", 0),
+    assert [(r.stream_id, r.reason, r.offset) for r in resets] == [("a", "new_stream", 0),
                                                                            ("b", "new_stream", 0)]
     assert counters["resets"] == 2 and counters["chunks_in"] == 15
 
@@ -283,7 +288,7 @@ def test_unknown_stream_mid_stream_takes_over_only_once_the_current_stream_falls
         assert counters["resets"] == 1 and counters["dropped_stale_stream"] == 0
         assert [c.stream_id for c in h.outputs] == ["a"] * 7
         assert [c.offset for c in h.outputs] == [a[3].offset - HEAD + k * C for k in range(7)]
-        assert h.heartbeats()[-1]["stream_id"] == "a"
+        assert h.heartbeats()[-1].status.stream_id == "a"
         # Stream a falls silent for longer than the (real) bound: the stranger takes over mid-stream,
         # on the chunk grid with a silent head, and a's late chunks are now stale.
         h.svc.takeover_silence_ns = bound
@@ -296,7 +301,7 @@ def test_unknown_stream_mid_stream_takes_over_only_once_the_current_stream_falls
     from_u = [c for c in h.outputs if c.stream_id == "u"]
     assert [c.offset for c in from_u] == [u[30].offset - HEAD + k * C for k in range(4)]
     assert from_u[0].seq == 0 and from_u[0].stages[-1].reset
-    assert [(r["stream_id"], r["reason"], r["offset"]) for r in resets] == [("a", "new_stream", a[3].offset),
+    assert [(r.stream_id, r.reason, r.offset) for r in resets] == [("a", "new_stream", a[3].offset),
                                                                            ("u", "new_stream", u[30].offset)]
     assert counters["dropped_unknown_stream"] == 100 and counters["resets"] == 2
 
@@ -319,7 +324,7 @@ def test_short_gap_is_zero_filled_and_long_gap_resets_on_the_grid():
     y[lost] = x[lost]
     assert np.array_equal(y, x[:9 * C])
     new = chunks[30].offset
-    assert [r["reason"] for r in resets] == ["new_stream", "gap"] and resets[1]["offset"] == new
+    assert [r.reason for r in resets] == ["new_stream", "gap"] and resets[1].offset == new
     first = h.outputs[9]
     assert first.offset == new - HEAD == 29 * C and first.stages[-1].reset
     assert np.array_equal(first.samples[:HEAD], np.zeros(HEAD))  # a silent head
@@ -351,7 +356,7 @@ def test_non_finite_output_resets_and_is_not_sent():
         resets = h.events("reset")
     assert [c.offset for c in h.outputs] == [k * C for k in (0, 1, 2, 4, 5, 6)]
     assert all(np.isfinite(c.samples).all() for c in h.outputs) and h.outputs[3].stages[-1].reset
-    assert [(r["reason"], r["offset"]) for r in resets] == [("new_stream", 0), ("non_finite", 3 * C)]
+    assert [(r.reason, r.offset) for r in resets] == [("new_stream", 0), ("non_finite", 3 * C)]
     assert counters["dropped_inference_send"] == 0
 
 
@@ -376,8 +381,8 @@ def test_backlog_is_dropped_oldest_first_and_output_resumes_live():
     assert counters["dropped_inference_backlog"] == 27 and n_burst == 4
     assert [c.offset for c in burst] == [c.offset - HEAD for c in chunks[27:31]]
     assert burst[0].stages[-1].reset and not burst[1].stages[-1].reset
-    assert [r["reason"] for r in resets] == ["new_stream", "backlog"]
-    assert resets[1]["offset"] == chunks[27].offset
+    assert [r.reason for r in resets] == ["new_stream", "backlog"]
+    assert resets[1].offset == chunks[27].offset
     assert [c.offset for c in h.outputs[n_burst:]] == [c.offset - HEAD for c in chunks[31:34]]
 
 
@@ -406,7 +411,8 @@ def test_malformed_input_is_rejected_and_the_service_keeps_converting():
         finally:
             raw.close()
     assert counters["rejected"] == 4 and counters["chunks_in"] == 2
-    assert "reason" in h.events("reject")[0] and h.events("reject")[0]["count"] >= 1
+    reject = h.events("reject")[0]
+    assert reject.reason and reject.count >= 1 and reject.total >= reject.count
     assert [c.offset for c in h.outputs] == [0, C, 2 * C]
 
 
@@ -451,7 +457,7 @@ def serve_two_chunks(proc, ov: list[str], inspect=None) -> tuple[list[AudioChunk
         with Bus(cfg, "capture") as capture, Bus(cfg, "playback") as playback, Bus(cfg, "tap") as tap:
             tx, rx = capture.audio_sender("audio_in"), playback.audio_receiver("audio_out")
             sub = tap.subscriber(("heartbeat.",), endpoints=["telemetry_inference"])
-            assert wait_until(lambda: (hb := sub.recv(50)) is not None and hb.data["ready"], timeout=60)
+            assert wait_until(lambda: isinstance(hb := sub.recv(50), Heartbeat) and hb.ready, timeout=60)
             sid = uuid.uuid4().hex
             for c in stream_chunks(np.zeros(2 * C, np.float32), stream_id=sid)[:3]:
                 assert wait_until(lambda: tx.send(c), timeout=5)

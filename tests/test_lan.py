@@ -24,11 +24,10 @@ import pytest
 import zmq
 import zmq.auth
 
-import netlab
-from common.protocol import encode
-from harness import e2e_stats
-
 from bus_helpers import chunk
+from common.protocol import encode
+from services.lab import netlab
+from services.lab.harness import e2e_stats
 
 REF = Path(__file__).resolve().parent / "data" / "llvc-reference"
 RECOVERY_BOUND_MS = 5000.0
@@ -177,7 +176,8 @@ def test_two_hosts_with_curve_end_to_end_real_model(tmp_path):
         played = [p for p in lp.observer.played(t0) if p.t_capture_ns < t1]
         inference_msgs = lp.observer.select(service="inference")
         assert lp.pids() == pids
-        model_info = (lp.observer.last_heartbeat("inference") or {}).get("model")
+        beat = lp.observer.last_heartbeat("inference")
+        model_info = beat.status.model if beat else None
     stats = e2e_stats(played)
     drops = netlab._delta(counts1, counts0, lambda n: n.startswith("dropped_"))
     expected = (t1 - t0) / netlab.CHUNK_NS
@@ -192,7 +192,8 @@ def test_two_hosts_with_curve_end_to_end_real_model(tmp_path):
     assert sum(drops.values()) <= max(3, 0.08 * expected), drops
     # Neither the plaintext client nor the stranger's key got a chunk into inference.
     assert inference_msgs, "no telemetry from the GPU box reached the capture host"
-    assert not [m for _, m in inference_msgs if isinstance(m.data, dict) and m.data.get("stream_id") == intruder]
+    assert not [m for _, m in inference_msgs if getattr(m, "stream_id", None) == intruder
+                or getattr(getattr(m, "status", None), "stream_id", None) == intruder]
     assert lp.report is not None and lp.report["model"]["untrained"] is False
 
 

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from conftest import REF
-from models.checkpoint import (DEFAULT_OUT_SCALE, CheckpointError, check_state_dict, default_model,
-                               load_model, read_state_dict)
+from models.checkpoint import (
+    DEFAULT_OUT_SCALE,
+    CheckpointError,
+    check_state_dict,
+    default_model,
+    load_model,
+    read_state_dict,
+)
 from models.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config
 from models.llvc import LLVC
 

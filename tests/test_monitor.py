@@ -23,8 +23,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bus_helpers import endpoint_overrides, free_port, make_config, stop_process, wait_until
 from common.bus import Bus
-from common.protocol import encode, make_telemetry
+from common.protocol import Telemetry, encode, make_telemetry
+from common.telemetry import (
+    SCHEMA_VERSION,
+    Heartbeat,
+    InferenceChunk,
+    InferenceStatus,
+    Origin,
+    OtherEvent,
+    PlaybackChunk,
+    Record,
+    make_message,
+)
 from services.monitor import MonitorService
+from services.monitor.ingest import MAX_EVENT_KINDS, Stats
 from services.stats import CounterLedger, LogHistogram, OverloadWatch
 
 LLVC = Path(sys.executable).parent / "llvc"
@@ -34,7 +46,8 @@ REPORT_KEYS = {"chunks", "e2e_latency_ms", "underruns", "dropped", "resets", "in
 
 
 class Monitor:
-    """A MonitorService in a thread (setup; loop_once until stopped; teardown), like run_service."""
+    """A MonitorService in a thread (setup; loop_once and flush_reports until stopped; teardown),
+    like run_service."""
 
     def __init__(self, cfg):
         self.svc = MonitorService(cfg)
@@ -48,6 +61,7 @@ class Monitor:
             self._up.set()
             while not self.svc.stop_requested:
                 self.svc.loop_once()
+                self.svc.flush_reports()
         except BaseException as exc:  # noqa: BLE001 - surfaced by the test
             self.error = exc
         finally:
@@ -57,10 +71,10 @@ class Monitor:
     def report(self) -> dict:
         if self.error:
             raise self.error
-        assert "handle_errors" not in self.svc.counters, self.svc._last_handle_error
-        return self.svc.report()
+        assert "handle_errors" not in self.svc.counters, self.svc.last_handle_error
+        return self.svc.report()  # from the test thread while the loop runs: the latest snapshot
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         self.thread.start()
         assert self._up.wait(10)
         if self.error:
@@ -77,28 +91,41 @@ class Monitor:
 
 
 class Fake:
-    """A fake service: its real telemetry PUB, publishing contract messages under chosen pids."""
+    """A fake service: its real telemetry PUB, publishing typed records under chosen pids."""
 
     def __init__(self, cfg, service: str):
         self.service = service
         self.bus = Bus(cfg, service)
         self.pub = self.bus.publisher()
 
-    def send(self, type_: str, data: dict, pid: int = 4242) -> None:
-        assert self.pub.publish_message(replace(make_telemetry(self.service, type_, data), pid=pid))
+    def publish(self, record: Record, pid: int = 4242) -> None:
+        assert self.pub.publish_message(replace(make_message(self.service, record), pid=pid))
 
-    def heartbeat(self, pid: int, counters: dict | None = None, uptime_s: float = 1.0, **status) -> None:
-        self.send("heartbeat", {"ready": True, "uptime_s": uptime_s, "counters": counters or {}, **status}, pid)
+    def heartbeat(self, pid: int, counters: dict | None = None, uptime_s: float = 1.0, status=None) -> None:
+        self.publish(Heartbeat(True, uptime_s, counters or {}, status), pid)
 
     def connect(self, mon: Monitor) -> None:
-        """Publish an event until the monitor counts it: past ZeroMQ's slow-joiner window."""
+        """Publish an event until the monitor counts it: past ZeroMQ's slow-joiner window. The
+        event is one this version does not know (an OtherEvent): those are counted by name too."""
         def seen():
-            self.send("event", {"event": "hello"})
+            self.publish(OtherEvent("hello", {"n": 1}))
             return mon.report()["events"].get(f"{self.service}.hello", 0) > 0
         assert wait_until(seen, timeout=10, interval=0.05), f"monitor never heard {self.service}"
 
     def close(self):
         self.bus.close()
+
+
+def inference_status(**geometry) -> InferenceStatus:
+    """Inference's heartbeat status for a fake model (``geometry``: chunk_len, chunk_ms, ...)."""
+    return InferenceStatus("onnx", "llvc-test", True, "llvc", "cpu", 1, "s", **geometry)
+
+
+def wire(record: Record) -> dict:
+    """A record's ``data`` as it goes on the wire, without the schema version."""
+    data = record.to_data()
+    del data["schema"]
+    return data
 
 
 @pytest.fixture
@@ -122,11 +149,12 @@ def listener(cfg, topic: str = "event.monitor"):
 
 
 def wait_event(sub, pred, timeout: float = 10.0):
+    """The first record from ``sub`` for which ``pred(record)`` holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        msg = sub.recv(timeout_ms=100)
-        if msg is not None and pred(msg.data):
-            return msg.data
+        record = sub.recv(timeout_ms=100)
+        if record is not None and pred(record):
+            return record
     raise AssertionError("event not seen")
 
 
@@ -138,16 +166,14 @@ def publish_run(mon: Monitor, inference: Fake, playback: Fake) -> None:
     """A known little run: model heartbeat, 10 inference chunks, 100 played chunks, some counters."""
     inference.connect(mon)
     playback.connect(mon)
-    inference.heartbeat(500, {"resets": 1}, model="llvc-test", untrained=True, chunk_len=208,
-                        algorithmic_latency_ms=14.0, latency_ms=17.5, device="cpu")
+    inference.heartbeat(500, {"resets": 1}, status=inference_status(
+        chunk_len=208, chunk_ms=13.0, algorithmic_latency_ms=14.0, latency_ms=17.5))
     for i, ms in enumerate(PROC):
-        inference.send("chunk", {"stream_id": "s", "seq": i, "offset": 16 + 208 * i, "proc_ms": float(ms),
-                                 "rtf": 13.0 / ms, "queue_chunks": i, "reset": i == 0}, 500)
+        inference.publish(InferenceChunk("s", i, 16 + 208 * i, float(ms), 13.0 / ms, float(i), i == 0), 500)
     shuffled = E2E[:]
     random.Random(1).shuffle(shuffled)
     for i, ms in enumerate(shuffled):
-        playback.send("chunk", {"stream_id": "s", "seq": i, "offset": 16 + 208 * i, "e2e_ms": float(ms),
-                                "fill_ms": 4.0}, 600)
+        playback.publish(PlaybackChunk("s", i, 16 + 208 * i, float(ms), 4.0), 600)
     playback.heartbeat(600, {"underruns": 2, "dropped_late": 3, "rejected": 0})
     assert wait_until(lambda: mon.report()["chunks"] == 100 and mon.report()["underruns"] == 2, timeout=10)
 
@@ -222,8 +248,8 @@ def test_percentiles_and_report_written_on_teardown(tmp_path, fakes):
     assert report["queue"]["playback_fill_ms_p50"] == 4.0
     assert report["underruns"] == 2 and report["dropped"] == {"late": 3} and report["resets"] == 1
     assert report["algorithmic_latency_ms"] == 14.0 and report["latency_ms"] == 17.5
-    assert report["model"]["id"] == "llvc-test" and report["model"]["untrained"] is True
-    assert report["model"]["kind"] == "llvc"
+    assert report["model"] == {"id": "llvc-test", "untrained": True, "kind": "llvc", "device": "cpu",
+                               "backend": "onnx", "chunk_len": 208, "chunk_ms": 13.0}
     assert report["services"]["inference"]["up"] and report["services"]["inference"]["pids"] == [500]
     assert report["services"]["capture"] == {"up": False, "ready": False, "state": "unseen", "restarts": 0,
                                              "last_seen_s_ago": None, "pids": []}
@@ -263,22 +289,22 @@ def test_device_overflows_and_underflows_become_events_and_report_totals(fakes):
     lbus, events = listener(cfg)
     try:
         with Monitor(cfg) as mon:
-            wait_event(events, lambda d: d["event"] == "status")  # the listener is connected
+            wait_event(events, lambda r: r.name == "status")  # the listener is connected
             capture.connect(mon)
             playback.connect(mon)
             capture.heartbeat(71, {"input_overflows": 0}, uptime_s=1.0)
             playback.heartbeat(72, {"device_underflows": 0}, uptime_s=1.0)
             capture.heartbeat(71, {"input_overflows": 2}, uptime_s=2.0)
-            over = wait_event(events, lambda d: d["event"] == "input_overflow")
+            over = wire(wait_event(events, lambda r: r.name == "input_overflow"))
             assert over == {"event": "input_overflow", "service": "capture", "new": 2, "total": 2}
             playback.heartbeat(72, {"device_underflows": 1}, uptime_s=2.0)
-            under = wait_event(events, lambda d: d["event"] == "output_underflow")
+            under = wire(wait_event(events, lambda r: r.name == "output_underflow"))
             assert under == {"event": "output_underflow", "service": "playback", "new": 1, "total": 1}
             # Repeated heartbeats with the same counts are no new event; a rise is; a restarted
             # capture (new pid, counting from 0) adds to the total.
             capture.heartbeat(71, {"input_overflows": 2}, uptime_s=3.0)
             capture.heartbeat(73, {"input_overflows": 1}, uptime_s=0.5)
-            over = wait_event(events, lambda d: d["event"] == "input_overflow")
+            over = wire(wait_event(events, lambda r: r.name == "input_overflow"))
             assert (over["new"], over["total"]) == (1, 3)
             report = mon.report()
     finally:
@@ -299,21 +325,21 @@ def test_stale_after_missed_heartbeats_then_back(fakes):
                 time.sleep(0.1)
             last = time.monotonic()
             assert mon.report()["services"]["capture"]["up"]
-            stale = wait_event(events, lambda d: d["event"] == "service_stale")
+            stale = wire(wait_event(events, lambda r: r.name == "service_stale"))
             waited = time.monotonic() - last
-            assert stale["service"] == "capture" and stale["pid"] == 4001
+            assert stale["service"] == "capture" and stale["pid"] == 4001 and stale["last_seen_s_ago"] >= 0.7
             assert 0.5 <= waited <= 4.0  # 3 missed 0.2 s heartbeats (+ half a period of slack)
             assert mon.report()["services"]["capture"]["state"] == "stale"
             assert mon.report()["services"]["capture"]["up"] is False
 
             capture.heartbeat(4002, uptime_s=0.1)  # supervisord restarted it
-            back = wait_event(events, lambda d: d["event"] == "service_back")
+            back = wire(wait_event(events, lambda r: r.name == "service_back"))
             assert back == {"event": "service_back", "service": "capture", "pid": 4002, "restarted": True}
             # Stale again and back with the same process: not a restart.
-            wait_event(events, lambda d: d["event"] == "service_stale")
+            wait_event(events, lambda r: r.name == "service_stale")
             capture.heartbeat(4002, uptime_s=3.0)
-            back = wait_event(events, lambda d: d["event"] == "service_back")
-            assert back["restarted"] is False
+            back = wire(wait_event(events, lambda r: r.name == "service_back"))
+            assert back == {"event": "service_back", "service": "capture", "pid": 4002, "restarted": False}
             svc = mon.report()["services"]["capture"]
             assert svc["up"] and svc["restarts"] == 1 and svc["pids"] == [4001, 4002]
     finally:
@@ -326,18 +352,18 @@ def test_status_line_published_as_event(fakes):
     lbus, events = listener(cfg)
     try:
         with Monitor(cfg) as mon:
-            first = wait_event(events, lambda d: d["event"] == "status")["line"]
+            first = wait_event(events, lambda r: r.name == "status").line
             assert first.startswith("e2e p50 — p99 — ms | inf — ms rtf — | underruns 0 drops 0 resets 0 |")
             assert first.endswith("capture — inference — playback —")
             inference.connect(mon)
             playback.connect(mon)
-            inference.heartbeat(11, {"resets": 1}, chunk_len=208)
-            inference.send("chunk", {"proc_ms": 4.0, "rtf": 3.25, "queue_chunks": 0}, 11)
-            for ms in (10.0, 20.0, 30.0):
-                playback.send("chunk", {"e2e_ms": ms, "fill_ms": 4.0}, 12)
+            inference.heartbeat(11, {"resets": 1}, status=inference_status(chunk_len=208, chunk_ms=13.0))
+            inference.publish(InferenceChunk("s", 0, 16, 4.0, 3.25, 0.0, False), 11)
+            for i, ms in enumerate((10.0, 20.0, 30.0)):
+                playback.publish(PlaybackChunk("s", i, 16 + 208 * i, ms, 4.0), 12)
             playback.heartbeat(12, {"underruns": 1, "dropped_late": 2})
-            line = wait_event(events, lambda d: d["event"] == "status" and "p50 20.0" in d["line"]
-                              and "underruns 1" in d["line"])["line"]
+            line = wait_event(events, lambda r: r.name == "status" and "p50 20.0" in r.line
+                              and "underruns 1" in r.line).line
     finally:
         lbus.close()
     assert line == ("e2e p50 20.0 p99 29.8 ms | inf 4.0 ms rtf 3.2 | underruns 1 drops 2 resets 1 | "
@@ -369,49 +395,93 @@ def test_metrics_served_from_a_private_registry(fakes):
     assert not any(name.startswith(("python_", "process_")) for name, _ in samples)  # not the global registry
 
 
-def test_malformed_telemetry_is_counted_not_fatal():
-    cfg = make_config("tcp", "monitor.metrics_port=0")
+def test_unknown_event_names_are_counted_but_bounded():
+    stats = Stats(window_s=10.0)
+    capture = Origin("capture", "h", 1, 0, 0)
+    for i in range(MAX_EVENT_KINDS + 10):
+        stats.add(OtherEvent(f"e{i}", {}, origin=capture), now=0.0)
+    stats.add(OtherEvent("e0", {}, origin=capture), now=0.0)
+    assert len(stats.events) == MAX_EVENT_KINDS  # a flood of new names cannot grow it
+    assert stats.events["capture.e0"] == 2 and f"capture.e{MAX_EVENT_KINDS}" not in stats.events
+
+
+#: Messages that are valid on the wire but whose records do not fit their schema, each rejected by
+#: typed decoding for the one reason its comment gives: ``(service, type, data)``.
+_OK_BEAT = {"ready": True, "uptime_s": 1.0, "counters": {}}
+_OK_CHUNK = {"stream_id": "s", "seq": 0, "offset": 16, "e2e_ms": 5.0, "fill_ms": 1.0}
+NONSENSE = [
+    ("capture", "heartbeat", {**_OK_BEAT, "ready": 1}),                              # ready not a bool
+    ("capture", "heartbeat", {**_OK_BEAT, "uptime_s": "x"}),                         # uptime not a number
+    ("capture", "heartbeat", {**_OK_BEAT, "counters": "lots"}),                      # counters not a map
+    ("capture", "heartbeat", {**_OK_BEAT, "counters": {"dropped_x": -1}}),           # a negative counter
+    ("capture", "heartbeat", {**_OK_BEAT, "counters": {"dropped_y": True}}),         # a bool counter
+    ("capture", "heartbeat", {**_OK_BEAT, "counters": {"dropped_z": 1.5}}),          # a float counter
+    ("inference", "heartbeat", {**_OK_BEAT, "status": {"chunk_len": "208", "model": 3}}),  # status misfit
+    *[("playback", "chunk", {**_OK_CHUNK, "e2e_ms": bad}) for bad in ("abc", True, None, [1])],
+    ("playback", "chunk", {**_OK_CHUNK, "fill_ms": {}}),                              # fill not a number
+    ("capture", "chunk", _OK_CHUNK),                                                  # capture times no chunks
+    ("capture", "event", {"event": 5}),                                               # name not a str
+    ("capture", "event", {}),                                                         # no name
+    ("capture", "event", {"event": "eof", "stream_id": "s"}),                         # eof without source_end
+]
+
+
+def test_malformed_telemetry_is_counted_not_fatal(capfd):
+    cfg = make_config("tcp", "monitor.metrics_port=0", "monitor.status_interval_s=0.2")
     ctx = zmq.Context()
     raw = ctx.socket(zmq.PUB)  # a raw PUB where capture's telemetry should be
     raw.setsockopt(zmq.LINGER, 0)
     raw.bind(cfg.endpoint("telemetry_capture").bind)
 
-    def send(type_, data, service="capture"):
-        msg = replace(make_telemetry(service, type_, data), pid=77)
+    def send(msg: Telemetry) -> None:
         raw.send_multipart([msg.topic.encode(), encode(msg)])
+
+    def send_data(service: str, type_: str, data: dict, schema=SCHEMA_VERSION) -> None:
+        send(replace(make_telemetry(service, type_, {"schema": list(schema), **data}), pid=77))
 
     try:
         with Monitor(cfg) as mon:
             def seen():
-                send("event", {"event": "hello"})
+                send(replace(make_message("capture", OtherEvent("hello", {})), pid=77))
                 return mon.report()["events"].get("capture.hello", 0) > 0
             assert wait_until(seen, timeout=10, interval=0.05)
-            good_hb = replace(make_telemetry("capture", "heartbeat", {}), pid=77)
-            for frames in ([b"event.capture"],                                          # one frame
-                           [b"event.capture", b"\xc1 not msgpack"],
-                           [b"event.capture", msgpack.packb({"kind": "telemetry", "v": [1, 0]})],
-                           [b"chunk.playback", encode(good_hb)],                        # topic mismatch
-                           [b"event.capture", encode(good_hb), b"extra"]):
+            good_hb = replace(make_message("capture", Heartbeat(True, 1.0, {})), pid=77)
+            malformed = ([b"event.capture"],                                          # one frame
+                         [b"event.capture", b"\xc1 not msgpack"],
+                         [b"event.capture", msgpack.packb({"kind": "telemetry", "v": [1, 0]})],
+                         [b"chunk.playback", encode(good_hb)],                        # topic mismatch
+                         [b"event.capture", encode(good_hb), b"extra"])
+            for frames in malformed:
                 raw.send_multipart(frames)
-            # Valid on the wire, nonsense inside.
-            send("heartbeat", {"counters": "lots", "uptime_s": "x", "ready": 1})
-            send("heartbeat", {"counters": {"dropped_x": -1, "dropped_y": True, "dropped_z": 1.5}})
-            send("heartbeat", {"chunk_len": "208", "model": 3}, service="inference")
-            for bad in ("abc", True, None, [1]):
-                send("chunk", {"e2e_ms": bad, "fill_ms": {}}, service="playback")
-            send("event", {"event": 5})
-            send("event", {})
+            for service, type_, data in NONSENSE:
+                send_data(service, type_, data)
+            send_data("capture", "heartbeat", _OK_BEAT, schema=(SCHEMA_VERSION[0] + 1, 0))  # a later major
+            send_data("capture", "heartbeat", {**_OK_BEAT, "schema": None})              # no version
+            rejects = len(malformed) + len(NONSENSE) + 2
             # And then real data still counts.
-            send("chunk", {"e2e_ms": 7.0, "fill_ms": 2.0}, service="playback")
-            send("heartbeat", {"ready": True, "uptime_s": 9.0, "counters": {"dropped_capture_send": 2}})
+            send(replace(make_message("playback", PlaybackChunk("s", 1, 224, 7.0, 2.0)), pid=77))
+            send(replace(make_message("capture", Heartbeat(True, 9.0, {"dropped_capture_send": 2})), pid=77))
             assert wait_until(lambda: mon.report()["dropped"] == {"capture_send": 2}, timeout=10), mon.report()
             report = mon.report()
             assert mon.thread.is_alive()
-            assert report["rejected"]["monitor"] == 5
-            assert report["chunks"] == 5 and report["e2e_latency_ms"]["p50"] == 7.0
+            assert report["rejected"]["monitor"] == rejects
+            assert report["chunks"] == 1 and report["e2e_latency_ms"]["p50"] == 7.0
             assert report["queue"]["playback_fill_ms_p50"] == 2.0
             assert report["model"]["id"] is None
-            assert mon.svc.counters["bad_fields"] >= 8
+            # Nothing rejected was counted as anything, and the monitor's own events are not
+            # counted either (its heartbeats and status lines are on the same bus).
+            assert set(report["events"]) == {"capture.hello"}
+            assert report["counters"] == {"capture": {"dropped_capture_send": 2}}
+            # Rejects are reported like every service's (at most twice a second): the count since
+            # the last report, the total and the last reason.
+            err = ""
+
+            def logged() -> int:
+                nonlocal err
+                err += capfd.readouterr().err
+                return sum(int(n) for n in re.findall(r"rejected malformed input count=(\d+) total=\d+ reason=\S", err))
+            assert wait_until(lambda: logged() == rejects, timeout=10), err
+        assert mon.svc.refresh_counters()["rejected"] == rejects  # what its heartbeats say
     finally:
         raw.close()
         ctx.term()
@@ -464,6 +534,8 @@ def test_cli_runs_until_sigterm_and_writes_report(tmp_path):
     report = json.loads(path.read_text())
     assert REPORT_KEYS <= set(report)
     assert report["chunks"] == 0 and report["rtf"] is None
+    assert report["model"] == {"id": None, "untrained": None, "kind": "llvc", "device": None, "backend": None,
+                               "chunk_len": None, "chunk_ms": None}  # the config's kind until inference says
     assert report["e2e_latency_ms"] == {"p50": None, "p95": None, "p99": None, "max": None}
     assert report["duration_s"] > 0
     assert "report written" in err

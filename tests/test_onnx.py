@@ -12,10 +12,10 @@ pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip instal
 pytest.importorskip("onnx", reason="onnx not installed (pip install -e '.[onnx]')")
 pytest.importorskip("onnxscript", reason="onnxscript (the dynamo exporter's backend) not installed")
 
-from common.cli import main as llvc_main  # noqa: E402
 from models.export import export_onnx, model_hash, sidecar_path  # noqa: E402
 from models.onnx_engine import ArtifactError, OnnxEngine  # noqa: E402
 from models.streaming import StreamingEngine  # noqa: E402
+from services.cli import main as llvc_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK_FACTORS = (1, 2, 4)
@@ -43,9 +43,9 @@ def test_onnx_equals_eager_and_offline(reference, artifacts, chunk_factor):
                              expect_chunk_factor=chunk_factor,
                              expect_config=reference.model.cfg.to_json_dict())
     eager = StreamingEngine(reference.model, chunk_factor)
-    for attr in ("chunk_len", "head_len", "context_len", "L", "sample_rate", "delay_samples",
-                 "latency_samples", "latency_s", "algorithmic_latency_s"):
-        assert getattr(engine, attr) == getattr(eager, attr), attr
+    assert engine.geometry == eager.geometry  # both derived from the config and chunk factor
+    for attr in ("chunk_len", "head_len", "context_len", "sample_rate", "chunk_factor"):
+        assert getattr(engine, attr) == getattr(eager.geometry, attr), attr
     x, C = reference.input, engine.chunk_len
     y = engine.convert(x)
     assert y.dtype == np.float32 and y.shape == x.shape
@@ -61,7 +61,7 @@ def test_onnx_equals_eager_and_offline(reference, artifacts, chunk_factor):
 def test_prime_process_reset_and_finite_check(ref_default, artifacts):
     engine = OnnxEngine.load(artifacts(ref_default, 1))
     eager = StreamingEngine(ref_default.model, 1)
-    C, L, x = engine.chunk_len, engine.L, ref_default.input
+    C, L, x = engine.chunk_len, ref_default.model.L, ref_default.input
     for e in (engine, eager):  # unprimed: the stream starts with silence
         e.reset()
     np.testing.assert_allclose(engine.process(x[:C]), eager.process(x[:C]), atol=1e-5)

@@ -14,8 +14,17 @@ import soundfile as sf
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install -e '.[onnx]')")
 pytest.importorskip("onnxscript", reason="the onnx extra is not installed (pip install -e '.[onnx]')")
 
-from test_inference_service import (C, REF, Harness, config, llvc_inference, overrides, place,  # noqa: E402
-                                    serve_two_chunks, stream_chunks)
+from test_inference_service import (  # noqa: E402
+    REF,
+    C,
+    Harness,
+    config,
+    llvc_inference,
+    overrides,
+    place,
+    serve_two_chunks,
+    stream_chunks,
+)
 
 CKPT, CONFIG = REF / "ref_default.pth", REF / "config.json"
 
@@ -36,7 +45,7 @@ def test_onnx_backend_reproduces_offline_conversion(artifact, ref_default):
     n = len(signal_)
     y = place(h.outputs)
     assert np.abs(y[:n - C] - ref_default.offline[:n - C]).max() < 1e-4
-    assert beat["backend"] == "onnx" and beat["untrained"] is False and "ref_default" in beat["model"]
+    assert beat.status.backend == "onnx" and beat.status.untrained is False and "ref_default" in beat.status.model
 
 
 def test_onnx_service_process_never_loads_torch(artifact):
@@ -72,7 +81,7 @@ def test_convert_with_onnx_streams_exactly_and_never_imports_torch(artifact, ref
     import subprocess
     import sys
 
-    code = ("import sys; from common.cli import main; "
+    code = ("import sys; from services.cli import main; "
             f"rc = main(['convert', '-p', {str(CKPT)!r}, '-c', {str(CONFIG)!r}, '--onnx', {str(artifact)!r}, "
             f"'-f', {str(REF / 'ref_default_input.wav')!r}, '-o', {str(tmp_path / 'out')!r}]); "
             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
@@ -86,7 +95,7 @@ def test_convert_with_onnx_streams_exactly_and_never_imports_torch(artifact, ref
 
 
 def test_convert_with_a_stale_artifact_is_one_line_and_exit_2(artifact, tmp_path):
-    from common.cli import main
+    from services.cli import main
 
     rc = main(["convert", "-p", str(CKPT), "-c", str(CONFIG), "-n", "2", "--onnx", str(artifact),
                "-f", str(REF / "ref_default_input.wav"), "-o", str(tmp_path / "out")])

@@ -13,16 +13,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bus_helpers import endpoint_overrides, free_port
+from services.lab.endpoints import private_sets
 
 LLVC = Path(sys.executable).parent / "llvc"
 REF = Path(__file__).resolve().parent / "data" / "llvc-reference"
 
 
-def private_sets() -> list[str]:
+def private_set_flags() -> list[str]:
     """--set flags giving this run its own ports, so runs never collide."""
-    sets = [*endpoint_overrides("tcp"), f"monitor.metrics_port={free_port()}"]
-    return [a for s in sets for a in ("--set", s)]
+    return [a for s in private_sets() for a in ("--set", s)]
 
 
 def processes_of(run_dir: Path) -> list[int]:
@@ -47,7 +46,7 @@ def test_file_through_the_pipeline_equals_offline_conversion(tmp_path):
     proc = subprocess.run(
         [str(LLVC), "run", "--source", f"file:{REF / 'ref_default_input.wav'}", "--sink", f"file:{out}",
          "-p", str(REF / "ref_default.pth"), "-c", str(REF / "config.json"), "-n", "1", "--until-eof",
-         "--report", str(report_path), "--run-dir", str(run_dir), *private_sets(),
+         "--report", str(report_path), "--run-dir", str(run_dir), *private_set_flags(),
          # Correctness run: slack so a CI hiccup cannot drop a chunk (latency is benchmarked apart).
          "--set", "inference.max_backlog_ms=3000", "--set", "playback.target_ms=200",
          "--set", "playback.max_ms=5000"],
@@ -82,7 +81,7 @@ def test_ctrl_c_tears_everything_down(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [str(LLVC), "run", "--source", "tone", "--sink", "null", "--passthrough", "--duration", "120",
-         "--run-dir", str(run_dir), *private_sets()],
+         "--run-dir", str(run_dir), *private_set_flags()],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -111,7 +110,7 @@ def test_a_service_that_cannot_start_is_reported_not_waited_for(tmp_path):
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
     proc = subprocess.run([str(LLVC), "run", "--source", "tone", "--sink", "null", "-p", str(bad),
-                           "--duration", "120", "--run-dir", str(run_dir), *private_sets()],
+                           "--duration", "120", "--run-dir", str(run_dir), *private_set_flags()],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "inference cannot start" in proc.stderr and "bad.pth" in proc.stderr
@@ -134,7 +133,7 @@ def test_run_options_become_the_services_settings(tmp_path, monkeypatch):
     import argparse
 
     from common.config import load_pipeline_config
-    from services.base import model_settings
+    from services.base import model_spec
     from services.run import add_arguments, build_environment
 
     monkeypatch.chdir(tmp_path)
@@ -152,6 +151,6 @@ def test_run_options_become_the_services_settings(tmp_path, monkeypatch):
     assert cfg.services["playback"]["record"] == str(tmp_path / "rec.wav")
     assert cfg.services["playback"]["target_ms"] == 6.5
     assert cfg.services["monitor"]["report"] == str(tmp_path / "run" / "report.json")
-    m = model_settings(cfg)
-    assert (m.chunk_factor, m.kind) == (2, "passthrough")
+    m, spec = model_spec(cfg)
+    assert (m.chunk_factor, m.kind) == (2, "passthrough") and spec.geometry.chunk_len == 2 * 208
     assert env["LLVC_RUN_DIR"] == str(tmp_path / "run")

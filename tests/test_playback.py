@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from bus_helpers import endpoint_overrides, wait_until
+from bus_helpers import endpoint_overrides, flat, wait_until
 from common.bus import Bus
 from common.config import load_pipeline_config
 from common.protocol import AudioChunk
@@ -56,8 +56,9 @@ class Playback:
                 self.messages.append(msg)
 
     def of(self, type_: str, event: str | None = None) -> list[dict]:
-        return [m.data for m in list(self.messages)
-                if m.type == type_ and (event is None or m.data.get("event") == event)]
+        """The wire data of every record of ``type_`` received (a heartbeat's status merged in)."""
+        return [flat(m) for m in list(self.messages)
+                if m.TYPE == type_ and (event is None or m.name == event)]
 
     def heartbeat(self) -> dict:
         return self.of("heartbeat")[-1]

@@ -20,7 +20,8 @@ import soundfile as sf
 
 from bus_helpers import endpoint_overrides, wait_until
 from common.config import PipelineConfigError, load_pipeline_config
-from test_playback import C, LLVC, FakeStream, Flags, Playback, noise
+from common.telemetry import Heartbeat, PlaybackChunk
+from test_playback import LLVC, C, FakeStream, Flags, Playback, noise
 
 #: Slack for this shared 2-core machine: these tests check files, not latency.
 SLACK = ("playback.max_ms=400.0",)
@@ -194,7 +195,7 @@ def test_a_restart_goes_on_with_the_same_file(tmp_path):
         pb.proc.wait()
         before["samples"] = sf.info(out).frames  # the header was current when the process died
         pb.spawn()
-        assert wait_until(lambda: any(m.type == "heartbeat" and m.pid == pb.proc.pid and m.data["ready"]
+        assert wait_until(lambda: any(isinstance(m, Heartbeat) and m.pid == pb.proc.pid and m.ready
                                       for m in list(pb.messages)), timeout=30), pb.logs()
 
     try:
@@ -205,7 +206,7 @@ def test_a_restart_goes_on_with_the_same_file(tmp_path):
         assert wait_until(lambda: pb.of("event", "drained"), timeout=10), pb.logs()
         assert wait_until(lambda: not pb.heartbeat().get("file_open", True), timeout=5), pb.logs()
         a = before["samples"]
-        b = min(m.data["seq"] for m in list(pb.messages) if m.type == "chunk" and m.pid == pb.proc.pid) * C
+        b = min(m.seq for m in list(pb.messages) if isinstance(m, PlaybackChunk) and m.pid == pb.proc.pid) * C
         assert 20 * C < a < kill_at * C and b == (kill_at + skipped) * C, (a, b)
         got, _ = sf.read(out, dtype="float32")
         assert len(got) == len(sig)

@@ -13,8 +13,16 @@ import pytest
 import soundfile as sf
 
 from conftest import DATA
-from models.quality import (MAX_F0_ERROR, MIN_REDUCTION, ClipQuality, evaluate_clip, format_table, read_split,
-                            stft_distance, summary)
+from models.quality import (
+    MAX_F0_ERROR,
+    MIN_REDUCTION,
+    ClipQuality,
+    evaluate_clip,
+    format_table,
+    read_split,
+    stft_distance,
+    summary,
+)
 
 pytest.importorskip("parselmouth", reason="praat-parselmouth is not installed (pip install -e '.[train]')")
 

@@ -37,8 +37,8 @@ def test_streamed_equals_offline(reference, chunk_factor, restructured):
     """Both step implementations: FastStep (the default) and the module code it is derived from."""
     engine = StreamingEngine(reference.model, chunk_factor, restructured=restructured)
     assert engine.restructured is restructured
-    L, C, x = engine.L, engine.chunk_len, reference.input
-    assert engine.delay_samples == L == 16
+    L, C, x = engine.model.L, engine.chunk_len, reference.input
+    assert engine.geometry.delay_samples == L == 16
     # The stream is head + chunks; output m is the conversion of stream sample m.
     y = stream_chunks(engine, x[L:], head=x[:L])[: len(x)]
     diff = np.abs(y - reference.offline)
@@ -62,7 +62,7 @@ def test_without_head_the_stream_starts_with_silence(ref_default):
     engine = StreamingEngine(ref_default.model, 2)
     x = ref_default.input[:6000]
     y = stream_chunks(engine, x, head=None)
-    L = engine.L
+    L = engine.model.L
     expected = offline(ref_default.model, np.concatenate([np.zeros(L, np.float32), x]))
     n = len(x) - engine.chunk_len
     assert np.abs(y[:n] - expected[:n]).max() < 1e-5
@@ -124,7 +124,7 @@ def test_streamed_equals_offline_for_other_geometries(variant):
     for chunk_factor in (1, 3):
         engine = StreamingEngine(model, chunk_factor)
         assert engine.chunk_len == 7 * 8 * chunk_factor
-        assert engine.delay_samples == (0 if variant.get("lookahead") is False else 8)
+        assert engine.geometry.delay_samples == (0 if variant.get("lookahead") is False else 8)
         y = engine.convert(x)
         assert np.abs(y - ref)[: len(x) - engine.chunk_len].max() < 1e-5
 
@@ -133,9 +133,9 @@ def test_latency_properties(ref_default):
     for n in (1, 4):
         e = StreamingEngine(ref_default.model, n)
         assert e.chunk_len == 13 * 16 * n
-        assert e.algorithmic_latency_s == pytest.approx((32 + 208 * n) / 16000)
-        assert e.latency_samples == 208 * n + 16
-    assert StreamingEngine(ref_default.model, 1).algorithmic_latency_s == pytest.approx(0.015)
+        assert e.geometry.algorithmic_latency_s == pytest.approx((32 + 208 * n) / 16000)
+        assert e.geometry.latency_samples == 208 * n + 16
+    assert StreamingEngine(ref_default.model, 1).geometry.algorithmic_latency_s == pytest.approx(0.015)
 
 
 def test_reset_forgets_everything_and_buffers_are_reused(ref_default):

@@ -12,6 +12,7 @@ from pathlib import Path
 from bus_helpers import chunk, endpoint_overrides, wait_until
 from common.bus import Bus
 from common.config import load_pipeline_config
+from common.telemetry import SCHEMA_VERSION, AudioHeader, Heartbeat, InferenceChunk, Underrun
 
 LLVC = Path(sys.executable).parent / "llvc"
 
@@ -29,10 +30,10 @@ class Publishers:
             p_inf, p_play = inf.publisher(), play.publisher()
             i = 0
             while not self.stop.is_set():
-                p_inf.chunk_timing(seq=i, proc_ns=1_000_000 + i)
-                p_inf.audio_tap(chunk(i))
-                p_play.event("underrun", seq=i)
-                p_play.heartbeat(state="ok")
+                p_inf.publish(InferenceChunk("s", i, 16 + 208 * i, 1.0 + i, 13.0, 0.0, False))
+                p_play.publish(AudioHeader.of(chunk(i), time.monotonic_ns()))
+                p_play.publish(Underrun("s", 1, i, i))
+                p_play.publish(Heartbeat(True, i / 200, {"underruns": i}))
                 i += 1
                 time.sleep(0.005)
 
@@ -61,7 +62,8 @@ def test_tap_filters_topics_and_prints_json_lines():
     assert len(lines) == 5
     for msg in lines:
         assert msg["topic"] == "event.playback" and msg["type"] == "event"
-        assert msg["data"]["event"] == "underrun" and isinstance(msg["data"]["seq"], int)
+        assert msg["data"]["event"] == "underrun" and msg["data"]["schema"] == list(SCHEMA_VERSION)
+        assert isinstance(msg["data"]["samples"], int) and msg["data"]["stream_id"] == "s"
         assert msg["pid"] > 0 and msg["host"]
 
 
@@ -78,8 +80,9 @@ def test_tap_shows_audio_headers_only_when_asked():
         out, err = audio.communicate(timeout=60)
     assert audio.returncode == 0, err
     headers = [json.loads(line) for line in out.splitlines()]
-    assert [h["topic"] for h in headers] == ["audio.inference"] * 3
-    assert all(h["data"]["n_samples"] == 208 and "pcm" not in h["data"] for h in headers)
+    assert [h["topic"] for h in headers] == ["audio.playback"] * 3
+    assert all(h["data"]["n_samples"] == 208 and "payload" not in h["data"] and h["data"]["t_recv_ns"] > 0
+               for h in headers)
 
 
 def test_tap_exits_cleanly_on_ctrl_c():
@@ -123,7 +126,7 @@ def test_audio_keeps_flowing_while_taps_come_and_go():
             if i % 40 == 0:
                 taps.append(tap(overrides, "--duration", "1"))
             assert tx.send(chunk(i))
-            pub.audio_tap(chunk(i))
+            pub.publish(AudioHeader.of(chunk(i)))
             got = rx.recv(timeout_ms=1000)
             received += got is not None
             time.sleep(0.002)

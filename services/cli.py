@@ -12,9 +12,10 @@ import sys
 COMMANDS = {
     "convert": ("models.convert", "convert audio files with LLVC (offline or streamed)"),
     "bench": ("models.bench", "benchmark the streaming step per backend, chunk factor and threads"),
-    "make-dataset": ("models.dataset", "build a parallel training set (LibriSpeech + espeak-ng, Praat's Change gender)"),
+    "make-dataset": ("models.dataset",
+                     "build a parallel training set (LibriSpeech + espeak-ng, Praat's Change gender)"),
     "train": ("models.train", "train an LLVC checkpoint on a parallel dataset (upstream layout)"),
-    "export": ("models.export", "export the streaming step to ONNX for the torch-free ONNX Runtime engine"),
+    "export": ("models.export_command", "export the streaming step to ONNX for the torch-free ONNX Runtime engine"),
     "download": ("models.download", "fetch upstream's released checkpoint from the Hugging Face hub"),
     "run": ("services.run", "run the whole pipeline under supervisord and print the monitor's report"),
     "capture": ("services.capture", "service: capture audio (device, file or test signal) and send chunks"),

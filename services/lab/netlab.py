@@ -6,13 +6,13 @@
   which also removes the veth pair), even when the test fails.
 * Faults: random packet loss with nftables in a namespace's input hook (:meth:`NetLab.loss`),
   the GPU box's link down and up (:meth:`NetLab.link_down`), and delay/jitter through a userspace
-  TCP relay (``netem`` is missing from this kernel): ``python tests/netlab.py relay ...``.
+  TCP relay (``netem`` is missing from this kernel): ``python -m services.lab.netlab relay ...``.
 * :class:`NetnsObserver`: the harness's telemetry observer, running inside the capture namespace.
   ZeroMQ's I/O threads, which make the TCP connections, are created by the thread that makes the
   first socket and inherit that thread's network namespace. So the observer thread switches
   itself (only itself: ``setns`` acts per thread on Linux) into the capture namespace before it
   creates its context, and the rest of this process stays in the root namespace. Chosen over
-  ``llvc tap`` under ``ip netns exec``: the harness's :class:`~harness.Observer` (arrival times,
+  ``llvc tap`` under ``ip netns exec``: the harness's :class:`~services.lab.harness.Observer` (arrival times,
   ``played()``, ``first_good_chunk()``) is reused as is, with no JSON round trip and no extra
   process to clean up; ``time.monotonic_ns()`` is one clock for every namespace of a host.
 * :class:`LanPipeline` runs ``llvc run --services inference`` in the GPU box and ``llvc run
@@ -47,7 +47,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script: harness is a sibling
+from common.telemetry import Heartbeat
+from models.spec import ModelSpec
+from services.lab.harness import Observer, Played, RunningPipeline, e2e_stats
 
 CLONE_NEWNET = 0x40000000
 NFT_TABLE = "llvc_netlab"
@@ -155,7 +157,7 @@ class NetLab:
         self.cap_ip, self.gpu_ip = f"10.200.{net}.1", f"10.200.{net}.2"
         self.relays: list[Relay] = []
 
-    def __enter__(self) -> "NetLab":
+    def __enter__(self) -> NetLab:
         remove_stale()
         try:
             _run("ip", "netns", "add", self.cap)
@@ -217,9 +219,9 @@ class NetLab:
         _run("ip", "-n", self.gpu, "link", "set", self.GPU_IF, "up")
 
     def relay(self, listen_port: int, to: str, *, delay_ms: float, jitter_ms: float, seed: int,
-              start_off: bool = False) -> "Relay":
+              start_off: bool = False) -> Relay:
         """Start a delay/jitter relay in the capture namespace: 127.0.0.1:listen_port → ``to``."""
-        relay = Relay([*self.exec_prefix(self.cap), sys.executable, str(Path(__file__).resolve()), "relay",
+        relay = Relay([*self.exec_prefix(self.cap), sys.executable, "-m", "services.lab.netlab", "relay",
                        "--listen", f"127.0.0.1:{listen_port}", "--to", to, "--delay-ms", str(delay_ms),
                        "--jitter-ms", str(jitter_ms), "--seed", str(seed), *(["--start-off"] if start_off else [])])
         self.relays.append(relay)
@@ -340,7 +342,8 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def relay_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="netlab.py relay", description="TCP relay with delay and jitter")
+    ap = argparse.ArgumentParser(prog="python -m services.lab.netlab relay",
+                                 description="TCP relay with delay and jitter")
     ap.add_argument("--listen", required=True, help="HOST:PORT to accept on")
     ap.add_argument("--to", required=True, help="HOST:PORT to forward to")
     ap.add_argument("--delay-ms", type=float, default=5.0)
@@ -363,7 +366,7 @@ def relay_main(argv: list[str]) -> int:
     while not stopping.is_set():
         try:
             client, _ = server.accept()
-        except (socket.timeout, InterruptedError):
+        except (TimeoutError, InterruptedError):
             continue
         shared["connections"] += 1
         client.settimeout(None)
@@ -376,7 +379,6 @@ def relay_main(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- pipelines across the link
-from harness import Observer, Played, RunningPipeline, e2e_stats  # noqa: E402  (after sys.path is set)
 
 PORTS = {"audio_in": 5550, "audio_out": 5551, "telemetry_capture": 5560, "telemetry_inference": 5561,
          "telemetry_playback": 5562, "telemetry_monitor": 5563}
@@ -401,7 +403,7 @@ class NetnsObserver(Observer):
             return
         super()._run()
 
-    def start(self) -> "NetnsObserver":
+    def start(self) -> NetnsObserver:
         super().start()
         if self.error is not None:
             raise RuntimeError(f"observer cannot enter {self.netns}: {self.error}")
@@ -442,7 +444,7 @@ class LanPipeline:
         self.sets: list[str] = []
         self.notes: dict = {}  # what a fault wants to report (e.g. packets dropped)
 
-    def __enter__(self) -> "LanPipeline":
+    def __enter__(self) -> LanPipeline:
         self.lab.__enter__()
         try:
             self._start()
@@ -502,8 +504,8 @@ class LanPipeline:
         """Each audio service's counters from its last heartbeat received at or before ``t_ns``."""
         out = {}
         for service in AUDIO_SERVICES:
-            beats = [m for t, m in self.observer.select("heartbeat", service) if t <= t_ns]
-            out[service] = dict(beats[-1].data.get("counters", {})) if beats else {}
+            beats = [m for t, m in self.observer.select(Heartbeat, service) if t <= t_ns]
+            out[service] = dict(beats[-1].counters) if beats else {}
         return out
 
 
@@ -537,7 +539,7 @@ TABLE_HEAD = (f"{'':<18} {'e2e ms before':>14} {'e2e ms during':>14} {'e2e ms af
               f"{'':>9} {'':>6} {'recovery':>9}\n"
               f"{'scenario':<18} {'p50':>6} {'p99':>7} {'p50':>6} {'p99':>7} {'p50':>6} {'p99':>7} "
               f"{'during':>7} {'underruns':>9} {'drops':>6} {'ms':>9}")
-CHUNK_NS = 208 * 1_000_000_000 // 16000  # chunk factor 1
+CHUNK_NS = round(ModelSpec.resolve(None, None).geometry.chunk_s * 1e9)  # the default model's, chunk factor 1
 
 
 def _delta(after: dict[str, dict], before: dict[str, dict], key) -> dict[str, int]:
@@ -633,7 +635,7 @@ def run_scenario(tmp: Path, name: str, spec: dict, *, warmup_s: float, before_s:
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "relay":
         return relay_main(argv[1:])
-    print("usage: python tests/netlab.py relay --listen HOST:PORT --to HOST:PORT [--delay-ms 5 --jitter-ms 3]",
+    print("usage: python -m services.lab.netlab relay --listen HOST:PORT --to HOST:PORT [--delay-ms 5 --jitter-ms 3]",
           file=sys.stderr)
     return 2
 

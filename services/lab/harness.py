@@ -1,7 +1,7 @@
 """A whole pipeline under ``llvc run`` in the background, watched through its telemetry bus.
 
 Used by the fault tests (``tests/test_faults.py``, ``tests/test_lan.py``) and by
-``scripts/bench_reliability.py``. Nothing here is a fake: ``llvc run`` starts the real
+``scripts/bench_reliability.py`` and ``scripts/bench_acoustic.py``. Nothing here is a fake: ``llvc run`` starts the real
 supervisord and the real services; faults are real signals, real ``supervisorctl`` commands and
 real network conditions; what happened is read from the same telemetry a dashboard would tap.
 
@@ -27,8 +27,10 @@ import numpy as np
 
 from common.bus import Bus
 from common.config import load_pipeline_config
+from common.tap import topics_for
+from common.telemetry import Event, Heartbeat, PlaybackChunk, Record
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LLVC = Path(sys.executable).parent / "llvc"
 SUPERVISORCTL = Path(sys.executable).parent / "supervisorctl"
 SERVICES = ("monitor", "inference", "playback", "capture")
@@ -50,24 +52,27 @@ class Played:
 
 
 class Observer:
-    """Collects every telemetry message of a pipeline config, with its arrival time, in a thread."""
+    """Collects every telemetry record of a pipeline config (but audio headers), with its
+    arrival time, in a thread."""
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.messages: list[tuple[int, object]] = []
+        self.messages: list[tuple[int, Record]] = []
         self.lock = threading.Lock()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.ready = threading.Event()
 
-    def start(self) -> "Observer":
+    def start(self) -> Observer:
         self.thread.start()
         self.ready.wait(10)
         return self
 
     def _run(self) -> None:
         with Bus(self.cfg, "tap") as bus:
-            sub = bus.subscriber(("",))
+            # Not the per-chunk audio headers: nothing here reads them, and decoding them too
+            # would slow this thread enough, on 2 busy cores, to lose telemetry it does read.
+            sub = bus.subscriber(topics_for([], audio=False))
             self.ready.set()
             while not self.stopping:
                 msg = sub.recv(timeout_ms=50)
@@ -79,29 +84,33 @@ class Observer:
         self.stopping = True
         self.thread.join(5)
 
-    def select(self, type_: str | None = None, service: str | None = None, since_ns: int = 0):
-        """``(t_ns, msg)`` received at or after ``since_ns``, filtered by type and service."""
+    def select(self, kind: type[Record] = Record, service: str | None = None,
+               since_ns: int = 0) -> list[tuple[int, Record]]:
+        """``(t_ns, record)`` received at or after ``since_ns``: records of ``kind`` (a
+        :mod:`common.telemetry` class), from ``service`` if given."""
         with self.lock:
             msgs = list(self.messages)
-        return [(t, m) for t, m in msgs if t >= since_ns and (type_ is None or m.type == type_)
+        return [(t, m) for t, m in msgs if t >= since_ns and isinstance(m, kind)
                 and (service is None or m.service == service)]
 
     def played(self, since_ns: int = 0) -> list[Played]:
         """Every ``chunk.playback`` received since ``since_ns``, in order."""
-        return [Played(t, m.data["stream_id"], m.data["offset"], m.data["e2e_ms"], m.pid)
-                for t, m in self.select("chunk", "playback", since_ns)]
+        return [Played(t, m.stream_id, m.offset, m.e2e_ms, m.pid)
+                for t, m in self.select(PlaybackChunk, "playback", since_ns)]
 
-    def events(self, name: str, service: str | None = None, since_ns: int = 0) -> list[tuple[int, dict]]:
-        return [(t, m.data) for t, m in self.select("event", service, since_ns) if m.data.get("event") == name]
+    def events(self, name: str, service: str | None = None, since_ns: int = 0) -> list[tuple[int, Event]]:
+        """``(t_ns, event)`` for every event called ``name`` (an ``EventName``)."""
+        return [(t, m) for t, m in self.select(Event, service, since_ns) if m.name == name]
 
-    def last_heartbeat(self, service: str) -> dict | None:
-        beats = self.select("heartbeat", service)
-        return beats[-1][1].data if beats else None
+    def last_heartbeat(self, service: str) -> Heartbeat | None:
+        """The newest heartbeat of ``service``."""
+        beats = self.select(Heartbeat, service)
+        return beats[-1][1] if beats else None
 
     def counters(self, service: str) -> dict:
         """The latest heartbeat counters of ``service`` (its current process)."""
         beat = self.last_heartbeat(service)
-        return dict(beat.get("counters", {})) if beat else {}
+        return dict(beat.counters) if beat else {}
 
 
 def e2e_stats(played: list[Played]) -> dict[str, float | None]:
@@ -134,7 +143,7 @@ class RunningPipeline:
         self.output: list[str] = []
 
     # ------------------------------------------------------------------ lifetime
-    def start(self) -> "RunningPipeline":
+    def start(self) -> RunningPipeline:
         if self.observer is not None:
             self.observer.start()
         cmd = [*self.wrapper, str(LLVC), "run", "--run-dir", str(self.run_dir), *self.args,
@@ -166,7 +175,7 @@ class RunningPipeline:
         report = self.run_dir / "report.json"
         return json.loads(report.read_text()) if report.exists() else None
 
-    def __enter__(self) -> "RunningPipeline":
+    def __enter__(self) -> RunningPipeline:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -295,7 +304,7 @@ def restart_fault(p: RunningPipeline, service: str, how: str, chunk_ms: float, s
     if service == "monitor":
         back = None
         while back is None and time.monotonic() < deadline:
-            beats = [tb for tb, m in obs.select("heartbeat", "monitor", t) if m.pid != pids_before["monitor"]]
+            beats = [tb for tb, m in obs.select(Heartbeat, "monitor", t) if m.pid != pids_before["monitor"]]
             back = beats[0] if beats else None
             time.sleep(0.02)
         assert back is not None, f"monitor did not come back within {timeout} s"

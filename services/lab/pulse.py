@@ -87,7 +87,7 @@ class PulseServer:
 
     @classmethod
     def start(cls, root: Path, sinks=("llvc_in", "llvc_out"), rate: int = 48000, keepalive: bool = True,
-              timeout: float = 10.0) -> "PulseServer":
+              timeout: float = 10.0) -> PulseServer:
         """Start a server under ``root`` and wait until ``pactl`` lists every sink.
 
         Raises ``RuntimeError`` (with the server's stderr tail) if it does not come up within
@@ -172,7 +172,7 @@ class PulseServer:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
 
-    def __enter__(self) -> "PulseServer":
+    def __enter__(self) -> PulseServer:
         return self
 
     def __exit__(self, *exc) -> None:

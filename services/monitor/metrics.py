@@ -1,0 +1,104 @@
+"""The monitor's Prometheus ``/metrics``: a private registry whose one collector reads the latest
+:class:`~services.monitor.report.Snapshot`.
+
+Rolling figures are gauges with a ``quantile`` label (the maximum as quantile ``"1"``), totals are
+counters. A scrape runs in the HTTP server's thread and only takes the snapshot reference the
+loop thread last published, so it never waits for the loop, nor the loop for it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from .report import Snapshot
+
+__all__ = ["MetricsError", "SnapshotCollector", "start_metrics", "stop_metrics"]
+
+
+class MetricsError(RuntimeError):
+    """The /metrics server could not start (one line)."""
+
+
+class SnapshotCollector:
+    """Prometheus collector of the monitor's figures; ``latest()`` returns the current snapshot."""
+
+    def __init__(self, latest: Callable[[], Snapshot]):
+        self.latest = latest
+
+    def collect(self) -> Iterator:
+        """The metric families of the latest snapshot (prometheus_client's collector protocol)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self.latest()  # once: every family below shows the same moment
+        f, model = snap.window, snap.model
+        window = f"over the last {snap.window_s:g} s"
+
+        def quantile_gauge(name: str, doc: str, values: dict[str, float | None]) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, f"{doc} {window}", labels=["quantile"])
+            for q, v in values.items():
+                if v is not None:  # no data: no sample, rather than a made-up number
+                    g.add_metric([q], v)
+            return g
+
+        e2e, inf, queue = f["e2e_latency_ms"], f["inference_ms"], f["queue"]
+        yield quantile_gauge("llvc_e2e_latency_ms", "End-to-end latency (capture to output), ms,",
+                             {"0.5": e2e["p50"], "0.95": e2e["p95"], "0.99": e2e["p99"], "1": e2e["max"]})
+        yield quantile_gauge("llvc_inference_ms", "Inference time per chunk, ms,",
+                             {"0.5": inf["p50"], "0.95": inf["p95"]})
+        yield quantile_gauge("llvc_inference_queue_chunks", "Inference input queue, chunks,",
+                             {"0.95": queue["inference_chunks_p95"]})
+        yield quantile_gauge("llvc_playback_fill_ms", "Playback buffer fill, ms,",
+                             {"0.5": queue["playback_fill_ms_p50"]})
+        rtf = GaugeMetricFamily("llvc_inference_rtf", f"Chunk duration / mean inference time {window}")
+        if f["rtf"] is not None:
+            rtf.add_metric([], f["rtf"])
+        yield rtf
+        for name, doc in (("chunks", "Chunks played (chunk.playback messages)"),
+                          ("underruns", "Playback underruns"), ("resets", "Inference state resets")):
+            yield CounterMetricFamily(f"llvc_{name}", doc, value=snap.totals[name])
+        for name, doc, label, values in (
+                ("dropped", "Dropped audio by cause", "cause", snap.dropped),
+                ("rejected", "Rejected input messages by service", "service", snap.rejected),
+                ("service_restarts", "Service process restarts", "service", snap.restarts),
+                ("device_flags", "Sound device input overflows and output underflows (PortAudio)", "flag",
+                 snap.flags)):
+            c = CounterMetricFamily(f"llvc_{name}", doc, labels=[label])
+            for key, n in values.items():
+                c.add_metric([key], n)
+            yield c
+        yield GaugeMetricFamily("llvc_overloaded", "1 while inference cannot keep up with real time",
+                                value=1.0 if snap.overloaded else 0.0)
+        up = GaugeMetricFamily("llvc_service_up", "1 while the service's heartbeats arrive", labels=["service"])
+        for name, state in snap.states.items():
+            up.add_metric([name], 1.0 if state in ("ok", "starting") else 0.0)
+        yield up
+        if model is not None:
+            for key, value in (("algorithmic_latency_ms", model.algorithmic_latency_ms),
+                               ("latency_ms", model.latency_ms)):
+                if value is not None:
+                    yield GaugeMetricFamily(f"llvc_model_{key}", f"Model {key.replace('_', ' ')}", value=value)
+            info = GaugeMetricFamily("llvc_model_info", "The model inference runs",
+                                     labels=["model", "untrained", "device"])
+            info.add_metric([model.model, str(model.untrained).lower(), model.device], 1)
+            yield info
+
+
+def start_metrics(host: str, port: int, latest: Callable[[], Snapshot]):
+    """Serve ``/metrics`` on ``host:port`` from a private registry (only the monitor's metrics,
+    not the process and GC ones of the global registry); returns ``(server, thread)``.
+    Raises :class:`MetricsError` when it cannot listen."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(latest))
+    try:
+        return start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise MetricsError(f"metrics: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+
+
+def stop_metrics(server_thread) -> None:
+    """Stop what :func:`start_metrics` started (waits up to 2 s for its thread)."""
+    server, thread = server_thread
+    server.shutdown()
+    server.server_close()
+    thread.join(2)
