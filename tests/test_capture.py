@@ -26,12 +26,15 @@ from common.config import PipelineConfigError, load_pipeline_config
 from common.devices import DeviceError, find_device
 from common.telemetry import Heartbeat
 from models.geometry import StreamGeometry
+from models.spec import ModelSpec
 from services.capture import CaptureService, Framer
 from services.sources import DeviceInput
 
 LLVC = Path(sys.executable).parent / "llvc"
 CLIP = Path(__file__).parent / "data" / "1919-142785-0000.wav"
-HEAD, CHUNK, SR = 16, 208, 16000
+#: The default model's geometry at chunk factor 1: what capture frames for.
+_G = ModelSpec.resolve(None, None).geometry
+HEAD, CHUNK, SR = _G.head_len, _G.chunk_len, _G.sample_rate
 NS_PER_SAMPLE = 1_000_000_000 // SR
 
 

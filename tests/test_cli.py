@@ -21,6 +21,9 @@ import soundfile as sf
 import soxr
 import torch
 
+from models.config import load_config
+from models.geometry import StreamGeometry
+
 LLVC = Path(sys.executable).parent / "llvc"
 REF = Path(__file__).resolve().parent / "data" / "llvc-reference"
 CKPT = REF / "ref_default.pth"
@@ -31,7 +34,8 @@ INPUT = REF / "ref_default_input.wav"
 INPUT_NC = REF / "ref_nc_input.wav"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "llvc.json"
 SR = 16000
-WINDOW = 208  # dec_chunk_size * L = 13 * 16: one decoder window, the shortest input
+#: One decoder window of the fixture model (dec_chunk_size * L): the shortest input convertible.
+WINDOW = StreamGeometry.of(load_config(REF / "config.json")).window_samples
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -35,12 +35,14 @@ from common.audio import read_audio
 from common.protocol import AudioChunk, ProtocolError, decode_audio, encode, make_telemetry, max_message_bytes
 from common.security import load_keys
 from common.telemetry import Heartbeat
+from models.spec import ModelSpec
 from services.lab.endpoints import private_sets
 from services.lab.harness import LLVC, RunningPipeline
 from test_playback import Playback, noise
 
 CLIP = Path(__file__).resolve().parent / "data" / "1919-142785-0000.wav"
-C, HEAD = 208, 16
+#: The default model's geometry at chunk factor 1 (what the pipelines here run).
+C, HEAD = ModelSpec.resolve(None, None).geometry.chunk_len, ModelSpec.resolve(None, None).geometry.head_len
 MAX_SAMPLES = 16000           # bus.max_samples in config/pipeline.toml
 FLOOD = 300                   # valid chunks per flood
 HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,

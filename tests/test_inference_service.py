@@ -26,7 +26,7 @@ from bus_helpers import endpoint_overrides, make_config, stop_process, wait_unti
 from common.bus import Bus
 from common.protocol import AudioChunk, encode
 from common.telemetry import Event, Heartbeat, InferenceChunk
-from models.config import DEFAULT_CONFIG_PATH
+from models.config import DEFAULT_CONFIG_PATH, load_config
 from models.geometry import StreamGeometry
 from models.passthrough import PassthroughEngine
 from models.streaming import StreamingEngine
@@ -35,7 +35,9 @@ from services.inference import InferenceService
 LLVC = Path(sys.executable).parent / "llvc"
 REF = Path(__file__).parent / "data" / "llvc-reference"
 NS_PER_SAMPLE = 62_500  # at 16 kHz
-HEAD, C = 16, 208
+#: The fixture model's geometry at chunk factor 1 (these tests run it, and the passthrough of it).
+GEOMETRY = StreamGeometry.of(load_config(REF / "config.json"))
+HEAD, C = GEOMETRY.head_len, GEOMETRY.chunk_len
 T0, W0 = 10**12, 1_700_000_000 * 10**9  # capture clocks at stream sample 0
 
 
