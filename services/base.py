@@ -297,6 +297,7 @@ def run_service(service: Service) -> int:
             next_beat = now + interval
         try:
             service.loop_once()
+            service.flush_reports()
             failures = 0
         except Exception as exc:  # noqa: BLE001 - log, count, keep serving
             failures += 1
@@ -305,9 +306,11 @@ def run_service(service: Service) -> int:
             if failures >= MAX_LOOP_ERRORS:
                 status, error = LOOP_FAILED, f"{MAX_LOOP_ERRORS} loop errors in a row, the last: {exc!r}"
                 break
-        service.flush_reports()
     service.log("info", "stopping")
-    service.flush_reports(float("inf"))
+    try:
+        service.flush_reports(float("inf"))  # what was held back is said before the last heartbeat
+    except Exception as exc:  # noqa: BLE001 - stopping anyway: say so and go on
+        service.log("error", f"cannot report on stopping: {exc!r}")
     service.heartbeat()
     service.teardown()
     service.log("info", "stopped")

@@ -125,13 +125,14 @@ def prepare_artifact(cfg, services: list[str]) -> None:
     then falls back to eager PyTorch. Bad settings are left for the service to report.
     """
     from models.backends import NO_EXPORT_ENV, ensure_artifact, export_possible, gpu_wanted
+    from models.spec import ModelSpec
     from services.base import model_spec
     from services.inference import InferenceSettings
 
     if "inference" not in services or os.environ.get(NO_EXPORT_ENV, "") not in ("", "0"):
         return
     try:
-        m, spec = model_spec(cfg)
+        m, _ = model_spec(cfg)
         s = cfg.settings("inference", InferenceSettings)
     except PipelineConfigError:
         return
@@ -139,6 +140,9 @@ def prepare_artifact(cfg, services: list[str]) -> None:
     if m.kind != "llvc" or not wanted or not export_possible():
         return
     try:
+        # Relative paths are relative to the repository root, where the services run.
+        spec = ModelSpec.resolve(REPO / m.checkpoint if m.checkpoint else "", REPO / m.config if m.config else "",
+                                 m.chunk_factor)
         ensure_artifact(spec, threads=s.threads, log=lambda line: print(f"llvc run: {line}", flush=True))
     except Exception as exc:  # noqa: BLE001 - whatever failed, the pipeline still runs (on eager)
         why = " ".join(str(exc).split())[:300] or type(exc).__name__
