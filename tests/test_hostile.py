@@ -42,7 +42,8 @@ from test_playback import Playback, noise
 
 CLIP = Path(__file__).resolve().parent / "data" / "1919-142785-0000.wav"
 #: The default model's geometry at chunk factor 1 (what the pipelines here run).
-C, HEAD = ModelSpec.resolve(None, None).geometry.chunk_len, ModelSpec.resolve(None, None).geometry.head_len
+_G = ModelSpec.resolve(None, None).geometry
+C, HEAD = _G.chunk_len, _G.head_len
 MAX_SAMPLES = 16000           # bus.max_samples in config/pipeline.toml
 FLOOD = 300                   # valid chunks per flood
 HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
