@@ -78,7 +78,9 @@ REQUIRED_ENDPOINTS: dict[str, tuple[str, ...]] = {
 }
 
 #: Tables of settings that their users validate: the shared ``[model]`` and one per service.
-SETTINGS_TABLES = ("model",) + SERVICES
+#: Services that only tap telemetry: they bind no endpoint and publish nothing.
+TAPS = ("dashboard",)
+SETTINGS_TABLES = ("model",) + SERVICES + TAPS
 _TABLES = ("endpoints", "bus", "security") + SETTINGS_TABLES
 _ENDPOINT_KEYS = ("connect", "bind", "binder")
 # Env names are lower-cased and split on "__", so only such names can be reached from the env.
@@ -154,6 +156,8 @@ class BusOptions:
     max_samples: int = setting(16000, _c_int(1))
     telemetry_hwm: int = setting(1000, _HWM)
     heartbeat_interval_s: float = setting(0.25, positive)
+    sound_frame_s: float = setting(0.1, lambda v: None if v == 0 or 0.02 <= v <= 10
+                                   else "must be 0 (off) or in [0.02, 10]")
 
     def problems(self):
         """Checks across keys."""

@@ -130,8 +130,8 @@ DEFAULT_MAX_SAMPLES = 16000
 #: Sample formats on the wire. Decoded audio is always float32.
 FORMATS = ("f32le", "s16le")
 #: Telemetry types; what each carries in ``data`` is :mod:`common.telemetry`'s (``"audio"`` is an
-#: audio chunk's header without its payload).
-TELEMETRY_TYPES = ("heartbeat", "chunk", "event", "audio")
+#: audio chunk's header without its payload, ``"sound"`` a level meter's frame).
+TELEMETRY_TYPES = ("heartbeat", "chunk", "event", "audio", "sound")
 #: Most stage records one chunk may carry.
 MAX_STAGES = 16
 #: Longest stream id, service, host, stage or model name, in characters.

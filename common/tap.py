@@ -27,18 +27,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only topics starting with PREFIX (repeatable), e.g. event. or chunk.inference")
     p.add_argument("--audio", action="store_true",
                    help="also print the headers of the chunks playback receives (topic audio.playback)")
+    p.add_argument("--sound", action="store_true",
+                   help="also print capture's and playback's level/spectrum frames (topics sound.*)")
     p.add_argument("--count", type=int, default=0, help="exit after this many messages (0: run until Ctrl-C)")
     p.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (0: no limit)")
 
 
-def topics_for(filters: list[str], audio: bool) -> list[str]:
-    """SUB prefixes for the flags: explicit filters win; otherwise all but ``audio.``, which
-    only ``--audio`` adds (chunk headers are many and rarely wanted)."""
+#: Telemetry types a subscriber gets only when it asks: many messages, of use to few.
+ON_REQUEST = ("audio", "sound")
+
+
+def topics_for(filters: list[str], audio: bool, sound: bool = False) -> list[str]:
+    """SUB prefixes for the flags: explicit filters win; otherwise all but :data:`ON_REQUEST`'s
+    (``--audio`` adds chunk headers, ``--sound`` level frames)."""
+    extra = [f"{t}." for t, wanted in zip(ON_REQUEST, (audio, sound))
+             if wanted and not any(f.startswith(t) for f in filters)]
     if filters:
-        return list(filters) + (["audio."] if audio and not any(f.startswith("audio") for f in filters) else [])
+        return list(filters) + extra
     from .protocol import TELEMETRY_TYPES
 
-    return [f"{t}." for t in TELEMETRY_TYPES if t != "audio"] + (["audio."] if audio else [])
+    return [f"{t}." for t in TELEMETRY_TYPES if t not in ON_REQUEST] + extra
 
 
 def to_json(record: Record) -> str:
@@ -65,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         bus = Bus(cfg, "tap")
-        sub = bus.subscriber(topics_for(args.filter, args.audio))
+        sub = bus.subscriber(topics_for(args.filter, args.audio, args.sound))
     except (PipelineConfigError, BusError, SecurityError) as exc:
         print(f"llvc tap: error: {exc}", file=sys.stderr)
         return 2

@@ -20,11 +20,16 @@ topic              record                published
 ``event.<s>``      an :class:`Event`      something happened; :class:`EventName` lists them all
 ``audio.playback`` :class:`AudioHeader`  per chunk playback received: the chunk's header and
                                          every stage record, without the samples
+``sound.<s>``      :class:`SoundFrame`   capture (what it sends) and playback (what it plays),
+                                         every ``bus.sound_frame_s``: levels and a spectrum
 =================  ====================  ======================================================
 
 **Versions.** Every ``data`` map carries ``"schema": [major, minor]`` (:data:`SCHEMA_VERSION`).
 A different major is refused. A later minor may only add: fields this version does not know are
-ignored, and an event name it does not know decodes as :class:`OtherEvent`.
+ignored, and an event name it does not know decodes as :class:`OtherEvent`. 1.1 added
+:class:`SoundFrame`, :class:`PlaybackChunk`'s ``wait_ms`` and ``device_ms`` and
+:class:`InferenceStatus`' ``chunk_factor``; a subscriber
+by topic prefix (``heartbeat.``, ``chunk.``, ``event.``) never sees a type it does not know.
 
 **Counters** (in heartbeats) are cumulative since the publishing process started; the monitor
 sums them over a service's processes. The names consumers interpret are :class:`Counter`, and
@@ -46,13 +51,13 @@ from .protocol import MAX_NAME_LEN, ProtocolError, StageRecord, Telemetry, make_
 __all__ = [
     "SCHEMA_VERSION", "TelemetryError", "Counter", "DROPPED_PREFIX", "EventName", "ResetReason",
     "Origin", "Record", "Heartbeat", "CaptureStatus", "InferenceStatus", "PlaybackStatus", "MonitorStatus",
-    "InferenceChunk", "PlaybackChunk", "AudioHeader", "Event", "StreamStart", "Reset", "Eof", "Drained",
+    "InferenceChunk", "PlaybackChunk", "AudioHeader", "SoundFrame", "Event", "StreamStart", "Reset", "Eof", "Drained",
     "Underrun", "Reject", "Status", "ServiceStale", "ServiceBack", "ServiceRestarted", "Overloaded",
     "OverloadCleared", "InputOverflow", "OutputUnderflow", "SinkError", "OtherEvent", "decode", "make_message",
 ]
 
 #: ``(major, minor)`` of the records this module writes (``data["schema"]``).
-SCHEMA_VERSION = (1, 0)
+SCHEMA_VERSION = (1, 1)
 
 
 class TelemetryError(ProtocolError):
@@ -63,6 +68,7 @@ class Counter(enum.StrEnum):
     """Counter names that consumers interpret (heartbeat ``counters``)."""
 
     UNDERRUNS = "underruns"                  # playback: runs of invented samples inside a stream
+    UNDERRUN_SAMPLES = "underrun_samples"    # playback: samples those runs invented (concealed audio)
     RESETS = "resets"                        # inference: stream state resets
     REJECTED = "rejected"                    # any receiver: malformed input rejected
     INPUT_OVERFLOWS = "input_overflows"      # capture: PortAudio input overflows
@@ -178,6 +184,7 @@ class InferenceStatus:
     chunk_ms: float | None = None
     algorithmic_latency_ms: float | None = None  # upstream's (2L + chunk) / sr
     latency_ms: float | None = None              # chunk + L: how long a sample waits before compute
+    chunk_factor: int | None = None              # (1.1)
 
 
 @dataclass(frozen=True)
@@ -246,6 +253,10 @@ class PlaybackChunk(Record):
     offset: int
     e2e_ms: float
     fill_ms: float
+    # Where the last part of e2e went (1.1): from arrival until the jitter buffer let the first
+    # sample out, and from then until it reached the output (0 for the paced sinks).
+    wait_ms: float | None = None
+    device_ms: float | None = None
 
 
 #: Which chunk record a service publishes.
@@ -274,6 +285,17 @@ class AudioHeader(Record):
         """The header of an :class:`~common.protocol.AudioChunk`."""
         return cls(chunk.stream_id, chunk.seq, chunk.t_capture_ns, chunk.t_wall_ns, chunk.sample_rate,
                    chunk.n_samples, chunk.fmt, chunk.offset, chunk.source_end, list(chunk.stages), t_recv_ns)
+
+
+@dataclass(frozen=True)
+class SoundFrame(Record):
+    """``sound.<service>``: levels and spectrum of ``frame_ms`` of audio (:mod:`common.levels`)."""
+
+    TYPE: ClassVar[str] = "sound"
+    frame_ms: float
+    rms_dbfs: float
+    peak_dbfs: float
+    spectrum_db: list[float]        # per band of common.levels.band_centres_hz
 
 
 # ---- events
@@ -626,4 +648,6 @@ def decode(msg: Telemetry) -> Record:
         return _decode_fields(cls, data, f"{path}.{name}", origin=origin)
     if msg.type == "audio":
         return _decode_fields(AudioHeader, data, path, origin=origin)
+    if msg.type == "sound":
+        return _decode_fields(SoundFrame, data, path, origin=origin)
     raise TelemetryError(f"{path}: no record of type {msg.type!r}")

@@ -5,8 +5,10 @@
 set -euo pipefail
 
 # Debian packages the project needs at run time or in tests (PulseAudio: virtual sound devices,
-# tests/pulse.py and scripts/virtual-audio.sh; espeak-ng: speech for `llvc make-dataset`).
-APT_PACKAGES="libsndfile1 libportaudio2 iproute2 nftables pulseaudio pulseaudio-utils libasound2-plugins espeak-ng"
+# tests/pulse.py and scripts/virtual-audio.sh; espeak-ng: speech for `llvc make-dataset`;
+# chromium: the dashboard's browser tests, driven by playwright, whose own browser download is
+# never used: ../shared/notes/browser.md).
+APT_PACKAGES="libsndfile1 libportaudio2 iproute2 nftables pulseaudio pulseaudio-utils libasound2-plugins espeak-ng chromium"
 # The CPU build of torch that lies on this machine's disk; any other spec may download a
 # multi-GB CUDA build. Only installed when the venv cannot already import torch.
 TORCH_SPEC="torch==2.13.0"

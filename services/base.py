@@ -30,7 +30,7 @@ from typing import Any
 from common.config import PipelineConfig, PipelineConfigError, add_config_arguments, config_from_args
 from common.files import write_atomic
 from common.settings import at_least, one_of, setting
-from common.telemetry import Counter, Event, Heartbeat, Record, Reject
+from common.telemetry import Counter, Event, Heartbeat, Record, Reject, SoundFrame
 
 #: Exit status of a service whose setup failed (bad config, missing file, port in use).
 SETUP_FAILED = 2
@@ -174,6 +174,22 @@ class Service:
         """Publish a telemetry record (if telemetry is up)."""
         if self.telemetry is not None:
             self.telemetry.publish(record)
+
+    def level_meter(self):
+        """A :class:`~common.levels.LevelMeter` whose frames :meth:`publish_levels` publishes as
+        :class:`~common.telemetry.SoundFrame`\\ s, or ``None`` when ``bus.sound_frame_s`` is 0."""
+        from common.audio import SAMPLE_RATE
+        from common.levels import LevelMeter
+
+        frame_s = self.cfg.bus.sound_frame_s
+        return LevelMeter(SAMPLE_RATE, frame_s) if frame_s else None
+
+    def publish_levels(self, meter) -> None:
+        """Measure and publish every frame ``meter`` has completed (in the loop thread)."""
+        if meter is not None:
+            frame_ms = meter.frame_len * 1000 / meter.sample_rate
+            for f in meter.frames():
+                self.publish(SoundFrame(frame_ms, f.rms_dbfs, f.peak_dbfs, f.spectrum_db))
 
     def notice(self, key: str, message: str, counts: Mapping[str, int] | None = None,
                event: type[Event] | None = None, level: str = "warning", **fields: Any) -> None:

@@ -188,6 +188,7 @@ class CaptureService(Service):
         self._next_device_try = 0.0
         self._overflow_base = 0  # input overflows of device streams already closed
         self._logged_error: str | None = None
+        self.meter = None  # what capture sends, for sound.capture frames
 
     # ------------------------------------------------------------------ lifetime
     def setup(self) -> None:
@@ -203,6 +204,7 @@ class CaptureService(Service):
         else:
             self.source = make_paced_source(self.kind, arg, s)  # an unreadable file fails here
         self.sender = self.open_bus().audio_sender("audio_in")
+        self.meter = self.level_meter()
         if self.kind == "device":
             self._start_device()
         elif s.wait_ready_s > 0:
@@ -223,7 +225,15 @@ class CaptureService(Service):
         else:
             if self.kind == "device":
                 self._watch_device()
-            time.sleep(0.1)
+            time.sleep(0.1 if self.meter is None else min(0.1, self.cfg.bus.sound_frame_s))
+        self.publish_levels(self.meter)
+
+    def _send_chunk(self, chunk: AudioChunk) -> bool:
+        """Send a message (the loop's thread, or a device's sender thread); its samples go to the
+        level meter too (a reference into a bounded deque: nothing to wait for)."""
+        if self.meter is not None:
+            self.meter.feed(chunk.samples)
+        return self.sender.send(chunk)
 
     def teardown(self) -> None:
         """Stop the device stream and its sender thread (joined within 1 s), close the bus."""
@@ -270,7 +280,7 @@ class CaptureService(Service):
         self._start_paced()
 
     def _start_paced(self) -> None:
-        framer = Framer(self.geometry, self.sender.send, self.count)
+        framer = Framer(self.geometry, self._send_chunk, self.count)
         framer.anchor(0, time.monotonic_ns())  # t0: the schedule's origin
         self._new_stream(framer)
 
@@ -312,7 +322,7 @@ class CaptureService(Service):
 
     # ------------------------------------------------------------------ devices
     def _start_device(self) -> None:
-        framer = Framer(self.geometry, self.sender.send, self.count)
+        framer = Framer(self.geometry, self._send_chunk, self.count)
         self.device = DeviceStream(self._device_spec, self._latency, self.settings.queue_chunks, framer,
                                    self.count)
         self._new_stream(framer, device=self.device.name, device_rate=self.device.rate)

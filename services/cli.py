@@ -22,6 +22,7 @@ COMMANDS = {
     "inference": ("services.inference", "service: convert chunks with LLVC (one streaming state per stream)"),
     "playback": ("services.playback", "service: jitter buffer and output (device, file or null)"),
     "monitor": ("services.monitor", "service: latency, drops, health; status lines, /metrics, report"),
+    "dashboard": ("services.dashboard", "service: the live web dashboard (latency, losses, levels, health)"),
     "devices": ("common.devices", "list the sound devices PortAudio sees (what device:NAME can open)"),
     "tap": ("common.tap", "print the pipeline's telemetry as JSON lines"),
     "keys": ("common.security", "create CURVE key pairs for LAN links"),

@@ -292,7 +292,7 @@ class InferenceService(Service):
             self.backend, self.model_id, not self.trained, self.kind, self.device, self.threads, self.stream_id,
             chunk_len=g.chunk_len if g else None, chunk_ms=g.chunk_ms if g else None,
             algorithmic_latency_ms=1000 * g.algorithmic_latency_s if g else None,
-            latency_ms=1000 * g.latency_s if g else None)
+            latency_ms=1000 * g.latency_s if g else None, chunk_factor=g.chunk_factor if g else None)
 
     # ------------------------------------------------------------------ the loop
     def loop_once(self) -> None:

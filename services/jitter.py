@@ -95,6 +95,7 @@ class ChunkStart:
     seq: int
     offset: int
     t_capture_ns: int
+    wait_ns: int = 0   # from the chunk's arrival until this sample left the buffer
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class ReadResult:
     stream_offset: int = 0
     stream_samples: int = 0
     starts: list[ChunkStart] = field(default_factory=list)
+    t_ns: int = 0              # the buffer's clock for out[0] (read()'s t_out_ns)
     underruns: int = 0         # underrun events that began in this block
     invented: int = 0          # underrun samples in this block
     started: bool = False      # the stream's playout began in this block
@@ -166,7 +168,8 @@ class JitterBuffer:
         self.source_end: int | None = None
         self.playing = False
         self._start_ns = 0
-        self._starts: dict[int, tuple[str, int, int]] = {}  # offset -> (stream, seq, t_capture)
+        # offset -> (stream, seq, t_capture, arrival)
+        self._starts: dict[int, tuple[str, int, int, int]] = {}
         self._slack: deque[int] = deque(maxlen=TRIM_WINDOW)  # unused slack at recent arrivals
         # (arrival ns, samples late) of recent arrivals
         self._lateness: deque[tuple[int, int]] = deque(maxlen=GROW_WINDOW)
@@ -300,7 +303,7 @@ class JitterBuffer:
             self._data[idx] = samples[first - offset:end - offset]
             self._valid[idx] = True
             if first == offset:
-                self._starts[offset] = (stream_id, seq, t_capture_ns)
+                self._starts[offset] = (stream_id, seq, t_capture_ns, arrival_ns)
         return PutResult(new_stream=new, stored=max(0, end - first), late=late, overflow=overflow)
 
     def _restart_timeline(self, offset: int, arrival_ns: int) -> None:
@@ -344,7 +347,7 @@ class JitterBuffer:
         if not 0 < n <= self.capacity - self.max:
             raise ValueError(f"read size must be 1..{self.capacity - self.max}, got {n}")
         with self._lock:
-            res = ReadResult()
+            res = ReadResult(t_ns=t_out_ns)
             k = 0  # where this block's stream samples begin
             if self.stream_id is not None and not self.playing:
                 # Playout starts at the first sample whose output time is >= start time.
@@ -371,8 +374,10 @@ class JitterBuffer:
             if in_stream:
                 self._play(out[k:k + in_stream], pos, res)
                 for off in [o for o in self._starts if o < pos + in_stream]:
-                    sid, seq, t_cap = self._starts.pop(off)
-                    res.starts.append(ChunkStart(k + off - pos, sid, seq, off, t_cap))
+                    sid, seq, t_cap, arrival = self._starts.pop(off)
+                    index = k + off - pos
+                    res.starts.append(ChunkStart(index, sid, seq, off, t_cap,
+                                                 round(t_out_ns + index * 1e9 / self.sr) - arrival))
                 self.stats.chunks_played += len(res.starts)
                 self._stream_played += len(res.starts)
             self._fade(out[k + in_stream:n])

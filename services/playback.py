@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -70,6 +71,17 @@ def playback_settings(cfg, args: argparse.Namespace | None = None) -> PlaybackSe
     return cfg.settings("playback", PlaybackSettings, flags)
 
 
+class _MeterTap:
+    """Hands what the sink plays to a level meter, as a recorder would (a copy: the sink reuses
+    its block buffer)."""
+
+    def __init__(self, meter):
+        self.meter = meter
+
+    def consume(self, res, block: np.ndarray) -> None:
+        self.meter.feed(block.copy())
+
+
 # --------------------------------------------------------------------------- the service
 class PlaybackService(Service):
     """Receives converted chunks, buffers them on their stream timeline, plays them out."""
@@ -79,6 +91,7 @@ class PlaybackService(Service):
     def __init__(self, cfg, args=None):
         super().__init__(cfg, args)
         self.sink = None
+        self.meter = None  # what the sink plays, for sound.playback frames
         self.recorders: list[WavRecorder] = []
         self.sink_started = False
         self.receiver = None
@@ -95,7 +108,9 @@ class PlaybackService(Service):
         self.recorders = make_recorders(s, self.log, self.publish)
         for r in self.recorders:
             r.open()
-        self.sink.recorders = self.recorders
+        self.meter = self.level_meter()
+        # The sink hands every block it plays to its recorders; the meter takes a copy too.
+        self.sink.recorders = self.recorders + ([_MeterTap(self.meter)] if self.meter else [])
         self.receiver = self.open_bus().audio_receiver("audio_out")
         self.watch_rejects(self.receiver)
         for source in (lambda: vars(self.jb.stats), self.sink.counters, *(r.counters for r in self.recorders),
@@ -160,6 +175,7 @@ class PlaybackService(Service):
                 break
             self._receive(min(self.sink.next_due_ns(), slice_end) - now)
             now = time.monotonic_ns()
+        self.publish_levels(self.meter)  # after the slice: between two ticks, never inside one
 
     def _receive(self, wait_ns: int) -> None:
         """Wait up to ``wait_ns`` for chunks (ZeroMQ polls in whole ms; the rest is a short sleep)."""
@@ -191,7 +207,8 @@ class PlaybackService(Service):
             for s in res.starts:
                 e2e_ns = t_out + s.index * NS_PER_SAMPLE - s.t_capture_ns
                 self.publish(PlaybackChunk(s.stream_id, s.seq, s.offset, round(e2e_ns / 1e6, 3),
-                                           round(self.jb.fill_ms, 3)))
+                                           round(self.jb.fill_ms, 3), round(s.wait_ns / 1e6, 3),
+                                           round((t_out - res.t_ns) / 1e6, 3)))
             if res.underruns or res.invented:
                 self.notice("underrun", "underrun", {"underruns": res.underruns, "samples": res.invented}, Underrun,
                             stream_id=self.jb.stream_id, total=self.jb.stats.underruns)

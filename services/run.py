@@ -2,10 +2,11 @@
 
 1. Validates the pipeline config and the options, and turns the options into the
    ``LLVC__SECTION__KEY`` environment overrides every service reads (paths made absolute, since
-   the services run from the repository root).
+   the services run from the repository root). Prints the dashboard's URL; when it needs a
+   token and none is set, makes one and hands it to the dashboard in the environment.
 2. Starts ``supervisord -c supervisord.conf`` in its own session (so a terminal's Ctrl-C reaches
    only this process, which then shuts everything down in order), then starts the programs:
-   monitor, inference, playback, capture.
+   monitor, dashboard, inference, playback, capture.
 3. Prints the monitor's status lines (``event.monitor`` on the telemetry bus) and watches the
    programs: one that cannot start is reported with its own error line instead of a hang.
 4. Stops on ``--until-eof`` (playback reports the file stream drained), ``--duration``, Ctrl-C
@@ -34,7 +35,7 @@ from services.base import SETUP_FAILED, read_exit_record
 
 REPO = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = REPO / "supervisord.conf"
-START_ORDER = ("monitor", "inference", "playback", "capture")
+START_ORDER = ("monitor", "dashboard", "inference", "playback", "capture")
 
 
 class RunError(RuntimeError):
@@ -57,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until-eof", action="store_true", help="stop once a file source is played out")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--services", default=",".join(START_ORDER),
-                   help="comma-separated subset to run on this host (default: all four)")
+                   help=f"comma-separated subset to run on this host (default: all: {','.join(START_ORDER)})")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the web dashboard")
     p.add_argument("--run-dir", help="folder for logs and the control socket (default: a new temp folder)")
 
 
@@ -148,6 +150,21 @@ def prepare_artifact(cfg, services: list[str]) -> None:
         why = " ".join(str(exc).split())[:300] or type(exc).__name__
         print(f"llvc run: warning: could not export the ONNX step ({why}); inference falls back to eager PyTorch",
               file=sys.stderr, flush=True)
+
+
+def dashboard_line(cfg, env: dict[str, str]) -> str:
+    """``llvc run: dashboard URL``. A dashboard that needs a token gets one: the configured one,
+    or one made here and put in ``env`` (so a restarted dashboard keeps it); either way the URL
+    carries it, printed this once."""
+    import secrets
+
+    from services.dashboard import DashboardSettings, dashboard_url
+
+    s = cfg.settings("dashboard", DashboardSettings)
+    token = s.token
+    if s.needs_token() and not token:
+        token = env["LLVC__DASHBOARD__TOKEN"] = secrets.token_urlsafe(18)
+    return f"llvc run: dashboard {dashboard_url(s, token)}"
 
 
 def say_default_model(cfg, services: list[str]) -> None:
@@ -293,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     services = [s.strip() for s in args.services.split(",") if s.strip()]
+    if args.no_dashboard:
+        services = [s for s in services if s != "dashboard"]
     unknown = [s for s in services if s not in START_ORDER]
     if unknown or not services:
         return fail(f"--services: unknown service {unknown[0] if unknown else '(none)'} "
@@ -314,11 +333,14 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = load_pipeline_config(env.get("LLVC_PIPELINE_CONFIG"), env=env)
         model_spec(cfg)
+        dashboard = dashboard_line(cfg, env) if "dashboard" in services else None
         if cfg.security.curve:  # our own telemetry tap needs them too: say so before starting anything
             load_keys(cfg.security.keys_dir)
     except (PipelineConfigError, SecurityError) as exc:
         return fail(str(exc))
     print(f"llvc run: run folder {run_dir} (logs), services: {', '.join(services)}", flush=True)
+    if dashboard:
+        print(dashboard, flush=True)
     say_default_model(cfg, services)
     prepare_artifact(cfg, services)
     if stop["signal"] is not None:  # interrupted while exporting: nothing was started yet

@@ -173,7 +173,7 @@ def test_hostile_senders_change_nothing_for_the_real_stream(tmp_path):
         real = heartbeat_field(pipe, "capture", "stream_id")
         assert real and heartbeat_field(pipe, "inference", "stream_id") == real
         pids = pipe.pids()
-        assert all(pids.values()), pids
+        assert all(pids[name] for name in ("monitor", "inference", "playback", "capture")), pids
         before = dict(pipe.observer.counters("inference"))
         underruns = pipe.observer.counters("playback")["underruns"]
         assert before["resets"] == 2 and before["rejected"] == 0  # "old", then the real stream

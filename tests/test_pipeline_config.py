@@ -17,6 +17,7 @@ import pytest
 from common.config import (
     DEFAULT_PIPELINE_CONFIG,
     SERVICES,
+    TAPS,
     BusOptions,
     Endpoint,
     PipelineConfigError,
@@ -95,11 +96,11 @@ def test_default_file_loads_with_the_documented_values():
     assert cfg.bus == BusOptions(
         send_hwm=8, recv_hwm=8, linger_ms=0, heartbeat_ivl_ms=1000, heartbeat_timeout_ms=3000,
         reconnect_ivl_ms=100, reconnect_ivl_max_ms=250, max_samples=16000, telemetry_hwm=1000,
-        heartbeat_interval_s=0.25,
+        heartbeat_interval_s=0.25, sound_frame_s=0.1,
     )
     assert isinstance(cfg.bus.heartbeat_interval_s, float)
     assert cfg.security == SecurityOptions(curve=False, keys_dir=Path.cwd() / "keys")
-    assert set(cfg.services) == {"model", *SERVICES}
+    assert set(cfg.services) == {"model", *SERVICES, *TAPS}
     assert [ep.name for ep in cfg.telemetry_endpoints()] == [
         "telemetry_capture", "telemetry_inference", "telemetry_playback", "telemetry_monitor"]
 
@@ -108,7 +109,7 @@ def test_the_default_file_declares_no_setting_values():
     # Defaults are declared once, in the code: the file shows them commented out
     # (tests/test_service_base.py holds each shown value to the code's, key for key).
     raw = tomllib.loads(DEFAULT_TEXT)
-    assert set(raw) == {"endpoints", "bus", "security", "model", *SERVICES}
+    assert set(raw) == {"endpoints", "bus", "security", "model", *SERVICES, *TAPS}
     assert all(raw[table] == {} for table in raw if table != "endpoints")
 
 
@@ -119,7 +120,7 @@ def test_missing_tables_take_defaults(tmp_path):
     cfg = load(path=write(tmp_path, text))
     assert cfg.bus == BusOptions()
     assert cfg.security.curve is False
-    assert cfg.services == {name: {} for name in ("model", *SERVICES)}
+    assert cfg.services == {name: {} for name in ("model", *SERVICES, *TAPS)}
 
 
 def test_service_tables_are_kept_as_plain_dicts(tmp_path):

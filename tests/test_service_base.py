@@ -25,13 +25,15 @@ from common.settings import fields_of
 from common.telemetry import Reject
 from services.base import SETUP_FAILED, ModelSettings, RateLimited, Service, read_exit_record, run_service
 from services.capture import CaptureSettings
+from services.dashboard import DashboardSettings
 from services.inference import InferenceSettings
 from services.monitor import MonitorSettings
 from services.playback import PlaybackSettings
 
 #: Every settings table of the pipeline config and the class that declares it.
 TABLES = {"bus": BusOptions, "security": SecurityOptions, "model": ModelSettings, "capture": CaptureSettings,
-          "inference": InferenceSettings, "playback": PlaybackSettings, "monitor": MonitorSettings}
+          "inference": InferenceSettings, "playback": PlaybackSettings, "monitor": MonitorSettings,
+          "dashboard": DashboardSettings}
 
 
 def documented_defaults() -> dict[str, dict[str, object]]:

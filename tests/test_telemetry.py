@@ -13,6 +13,8 @@ import pytest
 from common import telemetry as T
 from common.protocol import AudioChunk, ProtocolError, StageRecord, decode_telemetry, encode, make_telemetry
 
+V = list(T.SCHEMA_VERSION)  # what this version writes
+
 INFERENCE = T.InferenceStatus("onnx", "llvc-x-0123456789ab", False, "llvc", "cpu", 1, "s1", chunk_len=208,
                               chunk_ms=13.0, algorithmic_latency_ms=15.0, latency_ms=14.0)
 #: One record of every kind, with the service that publishes it.
@@ -58,7 +60,7 @@ def test_every_record_survives_the_wire_typed_and_with_its_origin(service, recor
     got = through_the_wire(service, record)
     assert got == record and type(got) is type(record)
     assert got.origin.service == service and got.pid > 0 and got.host and got.topic == f"{record.TYPE}.{service}"
-    assert got.to_data()["schema"] == list(T.SCHEMA_VERSION)
+    assert got.to_data()["schema"] == V
 
 
 def test_every_event_name_has_its_record_and_is_covered_here():
@@ -68,11 +70,11 @@ def test_every_event_name_has_its_record_and_is_covered_here():
 
 def test_the_wire_names_are_the_contracts():
     data = T.ServiceStale("capture", 123, 0.9).to_data()
-    assert data == {"schema": [1, 0], "event": "service_stale", "service": "capture", "pid": 123,
+    assert data == {"schema": V, "event": "service_stale", "service": "capture", "pid": 123,
                     "last_seen_s_ago": 0.9}
     assert type(data["event"]) is str  # plain str, not the enum, on the wire
     # An optional field left unset is left out; a required one is there even when None.
-    assert T.StreamStart("s1").to_data() == {"schema": [1, 0], "event": "stream_start", "stream_id": "s1", "offset": 0}
+    assert T.StreamStart("s1").to_data() == {"schema": V, "event": "stream_start", "stream_id": "s1", "offset": 0}
     assert T.Reset(None, "gap", 5).to_data()["stream_id"] is None
     beat = T.Heartbeat(True, 1.0, {T.Counter.UNDERRUNS: 1}).to_data()
     assert list(beat["counters"]) == ["underruns"] and type(next(iter(beat["counters"]))) is str
@@ -88,25 +90,25 @@ def test_a_later_minor_decodes_a_later_major_does_not():
     new_event = {"schema": [1, 3], "event": "voice_switched", "voice": "b"}
     other = T.decode(make_telemetry("inference", "event", new_event))
     assert isinstance(other, T.OtherEvent) and other.name == "voice_switched" and other.fields == {"voice": "b"}
-    assert other.to_data() == {"schema": [1, 0], "voice": "b", "event": "voice_switched"}
+    assert other.to_data() == {"schema": V, "voice": "b", "event": "voice_switched"}
 
 
 @pytest.mark.parametrize("service, type_, data, message", [
     ("playback", "chunk", {"seq": 1}, r"chunk\.playback\.schema: expected \[major, minor\]"),
-    ("playback", "chunk", {"schema": [1, 0], "stream_id": "s", "seq": 1, "offset": 0, "e2e_ms": 3.0},
+    ("playback", "chunk", {"schema": V, "stream_id": "s", "seq": 1, "offset": 0, "e2e_ms": 3.0},
      r"chunk\.playback\.fill_ms: missing"),
-    ("playback", "chunk", {"schema": [1, 0], "stream_id": "s", "seq": True, "offset": 0, "e2e_ms": 3.0,
+    ("playback", "chunk", {"schema": V, "stream_id": "s", "seq": True, "offset": 0, "e2e_ms": 3.0,
                            "fill_ms": 1.0}, r"chunk\.playback\.seq: expected an int, got True"),
     ("capture", "chunk", {"schema": [1, 0]}, r"chunk\.capture: capture publishes no chunk timings"),
-    ("capture", "heartbeat", {"schema": [1, 0], "ready": True, "uptime_s": 1.0, "counters": {"x": -1}},
+    ("capture", "heartbeat", {"schema": V, "ready": True, "uptime_s": 1.0, "counters": {"x": -1}},
      r"heartbeat\.capture\.counters\.x: expected an int >= 0"),
-    ("capture", "heartbeat", {"schema": [1, 0], "ready": 1, "uptime_s": 1.0, "counters": {}},
+    ("capture", "heartbeat", {"schema": V, "ready": 1, "uptime_s": 1.0, "counters": {}},
      r"heartbeat\.capture\.ready: expected a bool"),
-    ("inference", "heartbeat", {"schema": [1, 0], "ready": True, "uptime_s": 1.0, "counters": {},
+    ("inference", "heartbeat", {"schema": V, "ready": True, "uptime_s": 1.0, "counters": {},
                                 "status": {"chunk_len": "208"}}, r"heartbeat\.inference\.status\.backend: missing"),
-    ("monitor", "event", {"schema": [1, 0], "event": 5}, r"event\.monitor\.event: expected an event name"),
-    ("monitor", "event", {"schema": [1, 0], "event": "status"}, r"event\.monitor\.status\.line: missing"),
-    ("playback", "audio", {"schema": [1, 0], "stream_id": "s"}, r"audio\.playback\.seq: missing"),
+    ("monitor", "event", {"schema": V, "event": 5}, r"event\.monitor\.event: expected an event name"),
+    ("monitor", "event", {"schema": V, "event": "status"}, r"event\.monitor\.status\.line: missing"),
+    ("playback", "audio", {"schema": V, "stream_id": "s"}, r"audio\.playback\.seq: missing"),
 ])
 def test_records_that_do_not_fit_are_one_telemetry_error_naming_the_field(service, type_, data, message):
     with pytest.raises(T.TelemetryError, match=message) as err:

@@ -36,6 +36,7 @@ def endpoint_overrides(scheme: str = "tcp") -> list[str]:
 
 
 def private_sets(*extra: str) -> list[str]:
-    """Private endpoints and a private ``/metrics`` port (plus ``extra`` overrides): what a
-    pipeline started beside others needs."""
-    return [*endpoint_overrides("tcp"), f"monitor.metrics_port={free_port()}", *extra]
+    """Private endpoints, a private ``/metrics`` port and dashboard port (plus ``extra``
+    overrides): what a pipeline started beside others needs."""
+    return [*endpoint_overrides("tcp"), f"monitor.metrics_port={free_port()}",
+            f'dashboard.bind="127.0.0.1:{free_port()}"', *extra]

@@ -33,8 +33,6 @@ from common.telemetry import Event, Heartbeat, PlaybackChunk, Record
 REPO = Path(__file__).resolve().parents[2]
 LLVC = Path(sys.executable).parent / "llvc"
 SUPERVISORCTL = Path(sys.executable).parent / "supervisorctl"
-SERVICES = ("monitor", "inference", "playback", "capture")
-
 
 @dataclass(frozen=True)
 class Played:

@@ -10,7 +10,9 @@ typed records (:mod:`common.telemetry`) and keeps:
   ``chunk.playback`` records. RTF (real-time factor, > 1 = faster than real time) = chunk
   duration / mean ``proc_ms``, the chunk duration being ``chunk_ms`` of inference's heartbeat
   status. A ratio of means rather than a mean of per-chunk ratios, which fast chunks would
-  inflate. Until that heartbeat arrives the mean of the per-chunk ``rtf`` stands in.
+  inflate. Until that heartbeat arrives the mean of the per-chunk ``rtf`` stands in. End-to-end
+  latency and inference time are also counted in fixed buckets over the whole run, for the
+  Prometheus histograms ``llvc_e2e_latency_seconds`` and ``llvc_inference_seconds``.
 * **Counters** from heartbeats, summed over every process of a service
   (:class:`services.stats.CounterLedger`): ``underruns`` (playback), ``resets`` (inference),
   ``rejected`` per service, and every ``dropped_<cause>`` as ``dropped[cause]``. A restarted
@@ -36,9 +38,12 @@ typed records (:mod:`common.telemetry`) and keeps:
 Every ``status_interval_s`` one line (rolling window, :mod:`.report`) is logged and published as
 ``event.monitor {"event": "status", "line"}``; ``inf`` there is the p50 of ``proc_ms``.
 Prometheus metrics (:mod:`.metrics`) are served on ``metrics_host:metrics_port`` unless the port
-is 0. On shutdown the JSON report (whole-run figures, :meth:`MonitorService.report`) is written
-atomically to ``report`` if set. The monitor's own telemetry (its heartbeats and events) is
-ignored by process, ``(service, host, pid)``.
+is 0: the rolling figures as gauges with a ``quantile`` label, the counters, and the two whole-run
+histograms, whose ``histogram_quantile()`` aggregates across hosts and time;
+``config/grafana-llvc.json`` is a Grafana dashboard of them. On shutdown the JSON report
+(whole-run figures, :meth:`MonitorService.report`) is written atomically to ``report`` if set.
+The monitor's own telemetry (its heartbeats and events) is ignored by process,
+``(service, host, pid)``.
 
 **Threads.** Only the loop thread touches the monitor's state. It publishes an immutable
 :class:`~.report.Snapshot` (figures, states, the report) every

@@ -56,6 +56,7 @@ class Health:
     ready: bool
     incarnation: int = 1      # +1 per process (new pid, or the same pid with its uptime reset)
     stale: bool = False
+    down: bool = False        # its publisher's connection dropped (see Liveness.lost)
     stale_incarnation: int = 0
     pids: list[int] = field(default_factory=list)
 
@@ -65,7 +66,9 @@ class Health:
         return self.incarnation - 1
 
     def state(self) -> str:
-        """``stale``, ``ok`` (ready) or ``starting``."""
+        """``down``, ``stale``, ``ok`` (ready) or ``starting``."""
+        if self.down:
+            return "down"
         return "stale" if self.stale else ("ok" if self.ready else "starting")
 
 
@@ -96,6 +99,7 @@ class Liveness:
             if pid not in h.pids:
                 h.pids = (h.pids + [pid])[-MAX_PIDS:]
         h.last_seen, h.host, h.pid, h.uptime_s, h.ready = now, host, pid, uptime, record.ready
+        h.down = False
         if h.stale:
             h.stale = False
             restarted = h.incarnation != h.stale_incarnation
@@ -117,8 +121,18 @@ class Liveness:
                                   ServiceStale(name, h.pid, ago)))
         return notes
 
+    def lost(self, name: str) -> None:
+        """The connection to ``name``'s telemetry publisher dropped: its process ended (a killed
+        one too: the kernel closes its sockets) or its host is unreachable. It is ``down`` at
+        once, not a few heartbeat periods later, until its next heartbeat; a restart quicker than
+        the stale limit still shows."""
+        h = self.health.get(name)
+        if h is not None:
+            h.down = True
+
     def states(self) -> dict[str, str]:
-        """``ok`` / ``starting`` / ``stale`` / ``unseen`` for each pipeline service and any other seen."""
+        """``ok`` / ``starting`` / ``down`` / ``stale`` / ``unseen`` for each pipeline service and
+        any other seen."""
         names = list(PIPELINE) + sorted(set(self.health) - set(PIPELINE))
         return {n: self.health[n].state() if n in self.health else "unseen" for n in names}
 

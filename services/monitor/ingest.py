@@ -6,6 +6,10 @@ keeps, in bounded memory (:mod:`services.stats`):
 * **series**, over the whole run and the last ``window_s`` seconds: ``e2e_ms`` and ``fill_ms``
   from :class:`~common.telemetry.PlaybackChunk`; ``proc_ms``, ``rtf`` and ``queue_chunks`` from
   :class:`~common.telemetry.InferenceChunk`; and ``chunks``, the number of playback chunks;
+* **bucket counts** of ``e2e_ms`` and ``proc_ms`` over the whole run (:class:`Buckets`, fixed
+  bounds :data:`E2E_BUCKETS_MS` and :data:`INFERENCE_BUCKETS_MS`): what ``/metrics`` serves as the
+  Prometheus histograms ``llvc_e2e_latency_seconds`` and ``llvc_inference_seconds``, whose
+  quantiles (``histogram_quantile``) aggregate across hosts and time, as rolling ones cannot;
 * **counters** from heartbeats, summed over every process of a service
   (:class:`~services.stats.CounterLedger`, which uses the uptime to notice a reused pid);
 * **model info** from inference's heartbeat status (:class:`~common.telemetry.InferenceStatus`);
@@ -16,6 +20,10 @@ Nothing here touches the bus or the clock: callers pass ``now`` (monotonic secon
 """
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
+from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from common.telemetry import (
@@ -30,19 +38,83 @@ from common.telemetry import (
 )
 from services.stats import CounterLedger, Series
 
-__all__ = ["Stats", "MAX_EVENT_KINDS", "E2E_QS"]
+__all__ = ["Stats", "Buckets", "BucketCounts", "MAX_EVENT_KINDS", "E2E_QS", "E2E_BUCKETS_MS",
+           "INFERENCE_BUCKETS_MS", "HISTOGRAMS"]
 
 E2E_QS = (0.5, 0.95, 0.99)
 MAX_EVENT_KINDS = 256   # distinct (service, event) names counted; more are ignored
 SERIES = ("e2e_ms", "proc_ms", "rtf", "queue_chunks", "fill_ms")
 
+#: Upper bounds (ms, inclusive) of the end-to-end latency histogram. 1 ms apart where the
+#: pipeline lives (22-30 ms at chunk factor 1: p50 target 22, p99 target 30), so
+#: ``histogram_quantile``'s linear interpolation inside a bucket is off by well under 1 ms there;
+#: coarser out to 1 s, beyond which a figure only says "broken".
+E2E_BUCKETS_MS = (5, 7.5, 10, 12.5, 15, 17.5, 20, 21, 22, 23, 24, 25, 26, 28, 30, 32.5, 35, 40, 45, 50,
+                  60, 70, 80, 100, 150, 200, 300, 500, 750, 1000)
+#: Upper bounds (ms, inclusive) of the inference step time histogram: dense over 0.5-5 ms, where
+#: steps take 1.2 ms alone and 2-6 ms in the pipeline. 13, 26 and 52 ms are the chunk durations at
+#: chunk factor 1, 2 and 4, so the share of steps slower than real time reads off one bucket.
+INFERENCE_BUCKETS_MS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6.5,
+                        8, 10, 13, 20, 26, 52, 100)
+#: Which series gets a histogram, and its bounds.
+HISTOGRAMS = {"e2e_ms": E2E_BUCKETS_MS, "proc_ms": INFERENCE_BUCKETS_MS}
+
+
+@dataclass(frozen=True)
+class BucketCounts:
+    """A :class:`Buckets` at one moment, in tuples nobody can change: safe to hand to another thread.
+
+    ``cumulative[i]`` counts the values <= ``bounds_ms[i]``; ``count`` counts them all (the
+    ``+Inf`` bucket); ``sum_ms`` is their sum.
+    """
+
+    bounds_ms: tuple[float, ...]
+    cumulative: tuple[int, ...]
+    count: int
+    sum_ms: float
+
+
+class Buckets:
+    """Counts of values per fixed bucket, a count and a sum: a Prometheus histogram's figures.
+
+    Memory is fixed (one int per bound) however long the monitor runs. A value counts in the
+    first bucket whose bound is >= it (Prometheus's ``le``: inclusive), compared in the unit it
+    was measured in, so a value exactly at a bound lands where its figure says.
+    """
+
+    def __init__(self, bounds_ms: tuple[float, ...]):
+        if not bounds_ms or any(b >= c for b, c in zip(bounds_ms, bounds_ms[1:])):
+            raise ValueError(f"bucket bounds must be increasing: {bounds_ms}")
+        self.bounds_ms = tuple(float(b) for b in bounds_ms)
+        self.counts = [0] * (len(bounds_ms) + 1)  # per bucket, not cumulative; the last is above every bound
+        self.count = 0
+        self.sum_ms = 0.0
+
+    def add(self, value_ms: float) -> None:
+        """Count one value. A non-finite one is skipped (it would poison the sum for good); a
+        negative one (clocks that disagree) counts as 0, so that the sum only grows, as
+        Prometheus's ``rate()`` of ``_sum`` needs."""
+        if not math.isfinite(value_ms):
+            return
+        value_ms = max(value_ms, 0.0)
+        self.counts[bisect_left(self.bounds_ms, value_ms)] += 1
+        self.count += 1
+        self.sum_ms += value_ms
+
+    def snapshot(self) -> BucketCounts:
+        """The counts now, cumulative per bound (what Prometheus exposes)."""
+        cumulative = tuple(accumulate(self.counts[:-1]))
+        return BucketCounts(self.bounds_ms, cumulative, self.count, self.sum_ms)
+
 
 class Stats:
-    """Series, counters, model info and event counts of one monitor run."""
+    """Series, bucket counts, counters, model info and event counts of one monitor run."""
 
     def __init__(self, window_s: float):
         self.window_s = window_s
         self.series = {k: Series(window_s) for k in SERIES}
+        #: Whole-run bucket counts of the series in :data:`HISTOGRAMS` (for /metrics histograms).
+        self.buckets = {k: Buckets(bounds) for k, bounds in HISTOGRAMS.items()}
         self.ledger = CounterLedger()
         #: Inference's latest heartbeat status: the model it runs and its geometry.
         self.inference: InferenceStatus | None = None
@@ -56,9 +128,11 @@ class Stats:
             case PlaybackChunk():
                 self.chunks += 1
                 self.series["e2e_ms"].add(record.e2e_ms, now)
+                self.buckets["e2e_ms"].add(record.e2e_ms)
                 self.series["fill_ms"].add(record.fill_ms, now)
             case InferenceChunk():
                 self.series["proc_ms"].add(record.proc_ms, now)
+                self.buckets["proc_ms"].add(record.proc_ms)
                 self.series["rtf"].add(record.rtf, now)
                 self.series["queue_chunks"].add(record.queue_chunks, now)
             case Heartbeat():
@@ -99,6 +173,10 @@ class Stats:
     def rejected(self) -> dict[str, int]:
         """Counter ``rejected`` per service that reported counters."""
         return {s: self.ledger.total(Counter.REJECTED, s) for s in self.ledger.services()}
+
+    def histograms(self) -> dict[str, BucketCounts]:
+        """The whole-run bucket counts of each series in :data:`HISTOGRAMS`, as copies."""
+        return {k: b.snapshot() for k, b in self.buckets.items()}
 
     def rtf(self, mean_proc_ms: float | None, mean_rtf: float | None) -> float | None:
         """Chunk duration / mean step time: a ratio of means rather than a mean of per-chunk

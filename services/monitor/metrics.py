@@ -2,20 +2,47 @@
 :class:`~services.monitor.report.Snapshot`.
 
 Rolling figures are gauges with a ``quantile`` label (the maximum as quantile ``"1"``), totals are
-counters. A scrape runs in the HTTP server's thread and only takes the snapshot reference the
-loop thread last published, so it never waits for the loop, nor the loop for it.
+counters. End-to-end latency and inference step time are also histograms over the whole time the
+monitor has run, in seconds (Prometheus's base unit), with the fixed buckets of
+:data:`~.ingest.E2E_BUCKETS_MS` and :data:`~.ingest.INFERENCE_BUCKETS_MS`:
+``llvc_e2e_latency_seconds`` and ``llvc_inference_seconds`` (``_bucket{le}``, ``_sum``, ``_count``).
+Unlike the rolling quantiles, which cannot be averaged, these aggregate across hosts and over any
+range, e.g. ``histogram_quantile(0.99, sum by (le) (rate(llvc_e2e_latency_seconds_bucket[5m])))``.
+
+A scrape runs in the HTTP server's thread and only takes the snapshot reference the loop thread
+last published, so it never waits for the loop, nor the loop for it.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from .ingest import BucketCounts
 from .report import Snapshot
 
-__all__ = ["MetricsError", "SnapshotCollector", "start_metrics", "stop_metrics"]
+__all__ = ["MetricsError", "SnapshotCollector", "HISTOGRAM_METRICS", "histogram_family", "start_metrics",
+           "stop_metrics"]
+
+#: Series (:data:`~.ingest.HISTOGRAMS`) served as histograms: ``series: (metric name, help)``.
+HISTOGRAM_METRICS = {
+    "e2e_ms": ("llvc_e2e_latency_seconds",
+               "End-to-end latency (capture to output), seconds, since the monitor started"),
+    "proc_ms": ("llvc_inference_seconds", "Inference time per chunk, seconds, since the monitor started"),
+}
 
 
 class MetricsError(RuntimeError):
     """The /metrics server could not start (one line)."""
+
+
+def histogram_family(name: str, doc: str, counts: BucketCounts):
+    """A ``HistogramMetricFamily`` of ``counts``, converted from ms to seconds: bound ``b`` ms
+    becomes ``le="<b/1000>"`` in the form prometheus_client's own histograms write."""
+    from prometheus_client.core import HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
+    buckets = [(floatToGoString(b / 1000), n) for b, n in zip(counts.bounds_ms, counts.cumulative)]
+    buckets.append(("+Inf", counts.count))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=counts.sum_ms / 1000)
 
 
 class SnapshotCollector:
@@ -44,6 +71,8 @@ class SnapshotCollector:
                              {"0.5": e2e["p50"], "0.95": e2e["p95"], "0.99": e2e["p99"], "1": e2e["max"]})
         yield quantile_gauge("llvc_inference_ms", "Inference time per chunk, ms,",
                              {"0.5": inf["p50"], "0.95": inf["p95"]})
+        for series, (name, doc) in HISTOGRAM_METRICS.items():
+            yield histogram_family(name, doc, snap.histograms[series])
         yield quantile_gauge("llvc_inference_queue_chunks", "Inference input queue, chunks,",
                              {"0.95": queue["inference_chunks_p95"]})
         yield quantile_gauge("llvc_playback_fill_ms", "Playback buffer fill, ms,",

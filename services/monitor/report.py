@@ -19,7 +19,7 @@ from common.files import write_atomic
 from common.telemetry import InferenceStatus
 
 from .health import DeviceFlags, Liveness, Overload
-from .ingest import Stats
+from .ingest import BucketCounts, Stats
 
 __all__ = ["Snapshot", "take_snapshot", "status_line", "rounded", "write_report"]
 
@@ -43,6 +43,7 @@ class Snapshot:
     flags: dict[str, int]                   # device flag totals
     model: InferenceStatus | None           # what inference reported of its model
     overloaded: bool
+    histograms: dict[str, BucketCounts]     # whole-run bucket counts by series (e2e_ms, proc_ms)
     report: dict[str, Any]                  # the whole-run report, rounded, JSON-ready
 
     def report_copy(self) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def take_snapshot(now: float, stats: Stats, liveness: Liveness, overload: Overlo
     return Snapshot(t=now, window_s=stats.window_s, window=window, states=states, totals=totals,
                     dropped=dict(dropped), rejected=dict(rejected),
                     restarts={n: h.restarts for n, h in liveness.health.items()}, flags=flags.totals(),
-                    model=m, overloaded=overload.overloaded, report=report)
+                    model=m, overloaded=overload.overloaded, histograms=stats.histograms(), report=report)
 
 
 def write_report(path: Path, report: dict[str, Any], log: Callable[..., None]) -> bool:
