@@ -36,6 +36,8 @@ from services.base import SETUP_FAILED, read_exit_record
 REPO = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = REPO / "supervisord.conf"
 START_ORDER = ("monitor", "dashboard", "inference", "playback", "capture")
+#: Programs the audio does not need: one that cannot start is a warning, and the rest go on.
+OPTIONAL = ("dashboard",)
 
 
 class RunError(RuntimeError):
@@ -380,7 +382,15 @@ def run(args: argparse.Namespace) -> int:
                         last_states[name] = state
                         if state in ("RUNNING", "BACKOFF", "FATAL", "EXITED"):
                             print(f"llvc run: {name} {state.lower()} (pid {info['pid'] or '-'})", flush=True)
-                    check_program(run_dir, name, info)
+                    try:
+                        check_program(run_dir, name, info)
+                    except RunError as exc:
+                        if name not in OPTIONAL:
+                            raise
+                        # A tap that cannot start (its port taken, say) is no reason to stop the audio.
+                        print(f"llvc run: warning: {exc}; the pipeline runs without it", file=sys.stderr, flush=True)
+                        sup.stop(name)
+                        services.remove(name)
         if stop["signal"] is not None:
             print("llvc run: interrupted, shutting down", flush=True)
             status = 130 if stop["signal"] == signal.SIGINT else 143

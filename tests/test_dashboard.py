@@ -267,3 +267,25 @@ def test_bad_binds_are_one_line_and_exit_2(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+def test_a_dashboard_that_cannot_start_costs_the_pipeline_nothing(tmp_path):
+    import socket
+
+    from services.lab.endpoints import private_sets
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sets = [s for s in private_sets() if not s.startswith("dashboard.bind=")]
+        sets.append(f'dashboard.bind="127.0.0.1:{port}"')
+        out = subprocess.run([str(LLVC), "run", "--source", "tone", "--sink", "null", "--passthrough",
+                              "--duration", "5", "--run-dir", str(tmp_path / "run"),
+                              *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=90)
+    print(out.stderr[-500:])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    warning = [x for x in out.stderr.splitlines() if "dashboard cannot start" in x]
+    assert len(warning) == 1 and f"cannot listen on 127.0.0.1:{port}" in warning[0]
+    assert "the pipeline runs without it" in warning[0]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["chunks"] > 20  # it ran, and played

@@ -13,7 +13,7 @@
  *  - Every CHART_MS, in the task of an update (one frame for all of it): the charts, the
  *    spectrograms, the events, and the numbers that move on every update (breakdown, compute,
  *    levels, losses, uptimes). NUMBERS_EVERY_UPDATE puts those numbers back on every update,
- *    for one frame per update (about twice the page's CPU). Nothing is drawn while the page is
+ *    for one frame per update (about 1.6 times the page's CPU). Nothing is drawn while the page is
  *    hidden; it catches up when shown.
  *  - Only values that changed are written (text nodes keep their node, styles are cached), and
  *    no node is created unless the shape of what is shown changes.
