@@ -75,7 +75,10 @@ def run_with_probe(pulse, tmp_path: Path, args: list[str], probe: np.ndarray, se
     try:
         rec_a.wait_ready()
         rec_b.wait_ready()
-        with RunningPipeline(tmp_path / "run", ["--source", "device:", "--sink", "device:", *args],
+        # No dashboard: these runs time the device path to a few ms on 2 cores, and a fifth
+        # process starting beside it moved the monitor's figure off the acoustic one by 3.2 ms in
+        # one full-suite run (the dashboard's own cost: scripts/bench_dashboard.py).
+        with RunningPipeline(tmp_path / "run", ["--source", "device:", "--sink", "device:", "--no-dashboard", *args],
                              device_sets(), env=device_env(pulse)) as p:
             p.wait_streaming(settle_s)
             wait_steady(p)
