@@ -10,7 +10,8 @@ Audio path (PUSH/PULL). Inference is the stable server: it binds ``audio_in`` (P
   backlog of stale audio;
 * ``IMMEDIATE`` on connecting sockets: nothing queues for a peer that is not there (while
   inference restarts, capture counts drops instead of building a backlog);
-* ``LINGER 0``: closing never waits for unsent audio;
+* ``LINGER 0``: closing never waits for unsent audio (telemetry PUBs linger briefly,
+  ``bus.telemetry_linger_ms``, so a service's final heartbeat reaches every subscriber);
 * ZMTP heartbeats: a dead TCP peer is noticed in seconds, not at the next TCP timeout;
 * ``MAXMSGSIZE`` from the protocol's maximum: libzmq drops a peer that sends anything larger
   before it is ever allocated;
@@ -202,7 +203,7 @@ class Bus:
         bus = self.cfg.bus
         address, is_bind = (endpoint.connect, False) if connect_only else endpoint.address_for(self.service)
         sock = self.context.socket(kind)
-        sock.setsockopt(zmq.LINGER, bus.linger_ms)
+        sock.setsockopt(zmq.LINGER, bus.telemetry_linger_ms if kind == zmq.PUB else bus.linger_ms)
         sock.setsockopt(hwm_option, hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(bus.max_samples))
         sock.setsockopt(zmq.HEARTBEAT_IVL, bus.heartbeat_ivl_ms)

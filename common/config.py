@@ -149,6 +149,7 @@ class BusOptions:
     send_hwm: int = setting(8, _HWM)
     recv_hwm: int = setting(8, _HWM)
     linger_ms: int = setting(0, _c_int(0))
+    telemetry_linger_ms: int = setting(250, _c_int(0))
     heartbeat_ivl_ms: int = setting(1000, _c_int(1))
     heartbeat_timeout_ms: int = setting(3000, _c_int(1))
     reconnect_ivl_ms: int = setting(100, _c_int(1))

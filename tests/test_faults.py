@@ -78,8 +78,10 @@ def test_each_service_restarted_in_turn_the_others_keep_running_and_audio_resume
     # (their counters arrive in nothing it saw, so only the live ones count).
     assert report is not None, p.text()[-2000:]
     assert report["services"]["capture"]["restarts"] >= 1 and report["services"]["inference"]["restarts"] >= 1
-    # Each process's final heartbeat, sent as it stops, may reach one subscriber and not another
-    # (sockets close without lingering), so the report lies between the sums before and after.
+    # Each process's final heartbeat is sent as it stops, when the monitor may already be gone
+    # (telemetry PUBs linger, bus.telemetry_linger_ms, so a subscriber still there receives it;
+    # with no linger one CI run's observer missed one the monitor got), so the report lies
+    # between the sums before and after the stop.
     def summed(until_ns: float) -> int:
         last = {}
         for t, msg in obs.select(Heartbeat, "playback", m["t_back_ns"]):

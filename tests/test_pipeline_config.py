@@ -94,7 +94,7 @@ def test_default_file_loads_with_the_documented_values():
         assert cfg.endpoint(name) == Endpoint(name=name, connect=address, bind=address, binder=binder)
         assert cfg.endpoint(name).is_tcp
     assert cfg.bus == BusOptions(
-        send_hwm=8, recv_hwm=8, linger_ms=0, heartbeat_ivl_ms=1000, heartbeat_timeout_ms=3000,
+        send_hwm=8, recv_hwm=8, linger_ms=0, telemetry_linger_ms=250, heartbeat_ivl_ms=1000, heartbeat_timeout_ms=3000,
         reconnect_ivl_ms=100, reconnect_ivl_max_ms=250, max_samples=16000, telemetry_hwm=1000,
         heartbeat_interval_s=0.25, sound_frame_s=0.1,
     )

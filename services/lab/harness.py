@@ -73,10 +73,18 @@ class Observer:
             sub = bus.subscriber(topics_for([], audio=False))
             self.ready.set()
             while not self.stopping:
-                msg = sub.recv(timeout_ms=50)
-                if msg is not None:
-                    with self.lock:
-                        self.messages.append((time.monotonic_ns(), msg))
+                self._keep(sub.recv(timeout_ms=50))
+            # What arrived before the stop but is still queued counts too (the services' final
+            # heartbeats, sent as ``llvc run`` ends, are among it).
+            while self._keep(sub.recv(timeout_ms=0)):
+                pass
+
+    def _keep(self, msg: Record | None) -> bool:
+        if msg is None:
+            return False
+        with self.lock:
+            self.messages.append((time.monotonic_ns(), msg))
+        return True
 
     def stop(self) -> None:
         self.stopping = True
