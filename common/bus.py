@@ -36,10 +36,14 @@ import zmq
 
 from .audio import SAMPLE_RATE
 from .config import Endpoint, PipelineConfig
+from .control import ControlClient, ControlServer
 from .protocol import AudioChunk, ProtocolError, Telemetry, decode_audio, decode_telemetry, encode, max_message_bytes
 from .security import CurveKeys, load_keys, make_client, make_server, start_authenticator
 from .telemetry import Record, make_message
 from .telemetry import decode as decode_record
+
+#: Control requests waiting at most (a REP answers one at a time; more waiting means a flood).
+CONTROL_HWM = 16
 
 
 class BusError(RuntimeError):
@@ -267,6 +271,30 @@ class Bus:
         for topic in topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         return TelemetrySubscriber(sock, self.cfg.bus.max_samples)
+
+    @property
+    def curve_keys(self) -> CurveKeys | None:
+        """The CURVE keys in use (``None`` with ``[security] curve`` off)."""
+        return self._keys
+
+    def control_server(self) -> ControlServer:
+        """The REP socket on ``control`` (bound by its binder: the owner of the live settings)."""
+        ep = self.cfg.endpoint("control")
+        return ControlServer(self._socket(zmq.REP, ep, zmq.RCVHWM, CONTROL_HWM))
+
+    def control_client(self) -> ControlClient:
+        """A REQ socket connected to ``control`` (``llvc ctl``, dashboards)."""
+        ep = self.cfg.endpoint("control")
+        return ControlClient(self._socket(zmq.REQ, ep, zmq.SNDHWM, CONTROL_HWM, connect_only=True), ep.connect)
+
+    def control_is_local(self) -> bool:
+        """Whether the ``control`` endpoint cannot be reached from another host: ``ipc://``,
+        ``inproc://``, or ``tcp://`` bound to a loopback address."""
+        ep = self.cfg.endpoint("control")
+        if not ep.is_tcp:
+            return True
+        host = ep.bind.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+        return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

@@ -71,16 +71,18 @@ SERVICES = ("capture", "inference", "playback", "monitor")
 REQUIRED_ENDPOINTS: dict[str, tuple[str, ...]] = {
     "audio_in": ("capture", "inference"),
     "audio_out": ("inference", "playback"),
+    "control": ("inference",),
     "telemetry_capture": ("capture",),
     "telemetry_inference": ("inference",),
     "telemetry_playback": ("playback",),
     "telemetry_monitor": ("monitor",),
 }
 
-#: Tables of settings that their users validate: the shared ``[model]`` and one per service.
 #: Services that only tap telemetry: they bind no endpoint and publish nothing.
 TAPS = ("dashboard",)
-SETTINGS_TABLES = ("model",) + SERVICES + TAPS
+#: Tables of settings that their users validate: the shared ``[model]``, ``[control]`` (the
+#: live settings' starting values) and one per service.
+SETTINGS_TABLES = ("model", "control") + SERVICES + TAPS
 _TABLES = ("endpoints", "bus", "security") + SETTINGS_TABLES
 _ENDPOINT_KEYS = ("connect", "bind", "binder")
 # Env names are lower-cased and split on "__", so only such names can be reached from the env.
@@ -176,6 +178,13 @@ class SecurityOptions:
 
     curve: bool = setting(False)
     keys_dir: Path = setting(Path("keys"))
+    controllers: str = setting("client", lambda v: None if not v.strip() or all(n.strip() for n in v.split(","))
+                               else "must be comma-separated key names")
+
+    @property
+    def controller_names(self) -> tuple[str, ...]:
+        """:attr:`controllers` as names."""
+        return tuple(n.strip() for n in self.controllers.split(",") if n.strip())
 
 
 @dataclass(frozen=True)

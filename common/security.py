@@ -104,6 +104,20 @@ def start_authenticator(context: zmq.Context, keys: CurveKeys) -> ThreadAuthenti
     return auth
 
 
+def authorized_names(keys: CurveKeys) -> dict[str, str]:
+    """``{z85 public key: name}`` of every client in ``authorized/`` (``NAME.key``): how a
+    CURVE peer's identity (the ZAP User-Id is its z85 key) is named in messages and checked
+    against ``security.controllers``. Unreadable files are left out."""
+    out = {}
+    for path in sorted(keys.authorized_dir.glob("*.key")):
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+        except (OSError, ValueError):
+            continue
+        out[public.decode("ascii")] = path.stem
+    return out
+
+
 # --------------------------------------------------------------------------- llvc keys
 def _secure_pair(folder: Path, name: str) -> None:
     public, secret = zmq.auth.create_certificates(folder, name)

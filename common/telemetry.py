@@ -28,7 +28,8 @@ topic              record                published
 A different major is refused. A later minor may only add: fields this version does not know are
 ignored, and an event name it does not know decodes as :class:`OtherEvent`. 1.1 added
 :class:`SoundFrame`, :class:`PlaybackChunk`'s ``wait_ms`` and ``device_ms`` and
-:class:`InferenceStatus`' ``chunk_factor``; a subscriber
+:class:`InferenceStatus`' ``chunk_factor``; 1.2 added :class:`ControlChanged`,
+:class:`VoiceSwitch` and :class:`InferenceStatus`' ``controls`` and ``voice``; a subscriber
 by topic prefix (``heartbeat.``, ``chunk.``, ``event.``) never sees a type it does not know.
 
 **Counters** (in heartbeats) are cumulative since the publishing process started; the monitor
@@ -52,12 +53,13 @@ __all__ = [
     "SCHEMA_VERSION", "TelemetryError", "Counter", "DROPPED_PREFIX", "EventName", "ResetReason",
     "Origin", "Record", "Heartbeat", "CaptureStatus", "InferenceStatus", "PlaybackStatus", "MonitorStatus",
     "InferenceChunk", "PlaybackChunk", "AudioHeader", "SoundFrame", "Event", "StreamStart", "Reset", "Eof", "Drained",
-    "Underrun", "Reject", "Status", "ServiceStale", "ServiceBack", "ServiceRestarted", "Overloaded",
+    "Underrun", "Reject", "ControlChanged", "VoiceSwitch", "Status", "ServiceStale", "ServiceBack",
+    "ServiceRestarted", "Overloaded",
     "OverloadCleared", "InputOverflow", "OutputUnderflow", "SinkError", "OtherEvent", "decode", "make_message",
 ]
 
 #: ``(major, minor)`` of the records this module writes (``data["schema"]``).
-SCHEMA_VERSION = (1, 1)
+SCHEMA_VERSION = (1, 2)
 
 
 class TelemetryError(ProtocolError):
@@ -98,6 +100,8 @@ class EventName(enum.StrEnum):
     INPUT_OVERFLOW = "input_overflow"        # monitor: capture's sound device overflowed
     OUTPUT_UNDERFLOW = "output_underflow"    # monitor: playback's sound device underflowed
     SINK_ERROR = "sink_error"                # playback: writing a file failed
+    CONTROL = "control"                      # inference: live settings changed (llvc ctl, a dashboard)
+    VOICE = "voice"                          # inference: a voice switch began, completed or failed
 
 
 class ResetReason(enum.StrEnum):
@@ -107,6 +111,7 @@ class ResetReason(enum.StrEnum):
     GAP = "gap"
     BACKLOG = "backlog"
     NON_FINITE = "non_finite"
+    VOICE = "voice"                          # (1.2) a voice switch: the new voice starts afresh
 
 
 # --------------------------------------------------------------------------- records
@@ -185,6 +190,8 @@ class InferenceStatus:
     algorithmic_latency_ms: float | None = None  # upstream's (2L + chunk) / sr
     latency_ms: float | None = None              # chunk + L: how long a sample waits before compute
     chunk_factor: int | None = None              # (1.1)
+    controls: dict[str, Any] | None = None       # (1.2) the live settings (services/controls.py)
+    voice: str | None = None                     # (1.2) the checkpoint in use ("" = the demo voice)
 
 
 @dataclass(frozen=True)
@@ -382,6 +389,37 @@ class Reject(Event):
 
 
 @dataclass(frozen=True)
+class ControlChanged(Event):
+    """Live settings changed to ``changes`` (key -> new value), asked by ``by`` (a controller's
+    key name, or ``local``). They apply from the output chunk at stream sample ``offset`` of
+    ``stream_id`` (``None`` before any stream); settings before the model (input gain, gate,
+    AGC) from input sample ``offset + head_len``, as the model already had the lookahead."""
+
+    NAME: ClassVar[str] = EventName.CONTROL
+    changes: dict[str, Any]
+    by: str
+    stream_id: str | None = None
+    offset: int | None = None
+
+
+@dataclass(frozen=True)
+class VoiceSwitch(Event):
+    """A voice switch: ``phase`` is ``loading`` (asked for), ``swapped`` (the new voice converts
+    from stream sample ``offset``; ``load_ms`` it took to load, off the audio path) or
+    ``failed`` (``reason``, one line; the current voice stays)."""
+
+    NAME: ClassVar[str] = EventName.VOICE
+    phase: str
+    voice: str
+    model: str | None = None
+    by: str | None = None
+    stream_id: str | None = None
+    offset: int | None = None
+    load_ms: float | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
 class Status(Event):
     """The monitor's status line."""
 
@@ -482,7 +520,7 @@ class OtherEvent(Event):
 
 EVENT_TYPES: dict[str, type] = {cls.NAME: cls for cls in (
     StreamStart, Reset, Eof, Drained, Underrun, Reject, Status, ServiceStale, ServiceBack, ServiceRestarted,
-    Overloaded, OverloadCleared, InputOverflow, OutputUnderflow, SinkError)}
+    Overloaded, OverloadCleared, InputOverflow, OutputUnderflow, SinkError, ControlChanged, VoiceSwitch)}
 assert set(EVENT_TYPES) == set(EventName), "every event name has its record"
 
 

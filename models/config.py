@@ -27,7 +27,8 @@ DEMO_CONFIG = REPO_ROOT / "config" / "demo_voice.json"
 #: ``-p`` / ``-c`` help text: what is loaded when they are not given (see :func:`resolve_model_files`).
 CHECKPOINT_DEFAULT_HELP = ("default: the embedded demo voice, models/demo_voice.pth; "
                            "-c without -p: an UNTRAINED seeded model of that config")
-CONFIG_DEFAULT_HELP = "default: config/demo_voice.json without -p, config/llvc.json with -p"
+CONFIG_DEFAULT_HELP = ("default: config/demo_voice.json without -p; with -p, CHECKPOINT's name with .json "
+                       "beside it if there is one, else config/llvc.json")
 
 
 class ConfigError(ValueError):
@@ -254,10 +255,23 @@ def resolve_model_files(checkpoint: str | Path | None, config: str | Path | None
 
     ``None`` and ``""`` mean "not given". Neither given: the embedded demo voice
     (:data:`DEMO_CHECKPOINT`, :data:`DEMO_CONFIG`). A checkpoint: that checkpoint, with
-    ``config`` or else :data:`DEFAULT_CONFIG_PATH`. Only a config: the UNTRAINED seeded model
-    of that config (``checkpoint`` is ``None``; loading it warns).
+    ``config``, else the config beside it with its name (``voice.pth`` -> ``voice.json``: a
+    folder of voices is a folder of such pairs), else :data:`DEMO_CONFIG` for the demo
+    checkpoint and :data:`DEFAULT_CONFIG_PATH` for any other. Only a config: the UNTRAINED
+    seeded model of that config (``checkpoint`` is ``None``; loading it warns).
     """
     if not checkpoint and not config:
         return ModelFiles(DEMO_CHECKPOINT, DEMO_CONFIG, demo=True)
-    return ModelFiles(Path(checkpoint) if checkpoint else None,
-                      Path(config) if config else DEFAULT_CONFIG_PATH, demo=False)
+    if not checkpoint:
+        return ModelFiles(None, Path(config), demo=False)
+    path = Path(checkpoint)
+    if config:
+        return ModelFiles(path, Path(config), demo=False)
+    beside = path.with_suffix(".json")
+    if beside.is_file():
+        return ModelFiles(path, beside, demo=False)
+    try:
+        is_demo = path.resolve() == DEMO_CHECKPOINT.resolve()
+    except OSError:
+        is_demo = False
+    return ModelFiles(path, DEMO_CONFIG if is_demo else DEFAULT_CONFIG_PATH, demo=False)

@@ -24,6 +24,7 @@ COMMANDS = {
     "monitor": ("services.monitor", "service: latency, drops, health; status lines, /metrics, report"),
     "dashboard": ("services.dashboard", "service: the live web dashboard (latency, losses, levels, health)"),
     "devices": ("common.devices", "list the sound devices PortAudio sees (what device:NAME can open)"),
+    "ctl": ("services.ctl", "steer a running pipeline: bypass, gains, noise gate, AGC, switching voices"),
     "tap": ("common.tap", "print the pipeline's telemetry as JSON lines"),
     "keys": ("common.security", "create CURVE key pairs for LAN links"),
 }

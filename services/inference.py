@@ -51,16 +51,21 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
+import zmq
 
 from common.config import PipelineConfigError
 from common.protocol import MAX_NAME_LEN, MAX_STAGES, AudioChunk, ProtocolError, StageRecord
 from common.settings import at_least, non_negative, one_of, positive, setting
 from common.telemetry import Counter, InferenceChunk, InferenceStatus, Reset, ResetReason
-from models.backends import BACKENDS, resolve_backend
+from models.backends import BACKENDS
 from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP
 from models.passthrough import PassthroughEngine
 
 from .base import ModelSettings, Service, add_service_arguments, model_spec, service_main
+from .control_plane import ControlPlane
+from .controls import AudioPath, LiveSettings
+from .shaping import crossfade
+from .voices import Voice, load_voice, warm_up
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,9 @@ class InferenceSettings:
     artifact: str = setting("")
     max_backlog_ms: float = setting(40.0, positive)
     max_gap_ms: float = setting(100.0, non_negative)
+    # The folder `llvc ctl voices` and the dashboard's voice picker list (*.pth, each with its
+    # NAME.json config beside it, or the default one).
+    voices_dir: str = setting("models")
 
 
 #: Environment, for tests only (never a setting): ``MS`` or ``MS:SECONDS``. Every step takes
@@ -108,7 +116,6 @@ COUNTERS = ("chunks_in", "chunks_out", Counter.RESETS, Counter.DROPPED_INFERENCE
 NS_PER_S = 1_000_000_000
 RECV_WAIT_MS = 50        # how long an idle turn waits for input
 WORK_BUDGET_S = 0.06     # compute per turn, so a turn stays well inside ~100 ms
-WARMUP_STEPS = 5
 STATE_CHECK_EVERY = 64   # engine steps between full state checks (the output is checked every step)
 SEEN_STREAMS = 1024      # stream ids remembered as replaced
 RECENT_INPUTS = 256      # input chunks kept per segment for timestamps
@@ -157,6 +164,10 @@ class _Segment:
     expected: int                 # offset the next input chunk should have
     buf: np.ndarray               # fed samples not yet consumed by prime()/process()
     steps: int = 0                # engine steps done
+    # The head_len raw (un-shaped) samples just before buf, and the same as the model got them
+    # (shaped): bypass plays the first, a voice switch primes the new engine with the second.
+    raw_tail: np.ndarray | None = None
+    model_tail: np.ndarray | None = None
     inputs: deque = field(default_factory=lambda: deque(maxlen=RECENT_INPUTS))
 
     def times_of(self, index: int, sample_rate: int) -> tuple[int, int]:
@@ -203,25 +214,28 @@ class InferenceService(Service):
         s = self.cfg.settings("inference", InferenceSettings, {
             "device": getattr(a, "device", None), "threads": getattr(a, "threads", None)})
         self._slow_step, self._slow_for = slow_step_from_env()
-        self.kind, self.threads = m.kind, s.threads
+        self.kind, self.threads, self.settings = m.kind, s.threads, s
+        self.live = self.cfg.settings("control", LiveSettings)
         t0 = time.perf_counter()
         if m.kind == "passthrough":
             self.backend, self.model_id, self.trained = "passthrough", "passthrough", True
             self.engine = PassthroughEngine(spec.geometry)  # the LLVC model's chunking
+            self.voice = ""
+            step_s = warm_up(self.engine)
         else:
-            chosen = resolve_backend(s.backend, s.device, s.artifact, spec, s.threads)
-            self.backend = chosen.backend
-            self.engine = self._use_onnx(chosen.engine) if chosen.engine is not None else self._load_llvc(spec, s)
-            if chosen.note:  # once eager is known to load: a bad checkpoint's error stays the one line
-                self.log("warning", chosen.note)
+            voice = load_voice(spec, s.backend, s.device, s.artifact, s.threads, str(spec.checkpoint or ""))
+            for line in voice.notes:
+                self.log("warning", line, model=voice.model_id)
+            self._use(voice)
+            step_s = voice.warm_step_s
         load_s = time.perf_counter() - t0
         table = self.cfg.settings("model", ModelSettings)
         if (table.chunk_factor, table.config) != (m.chunk_factor, m.config):
             self.log("warning", "-n/-c differ from the pipeline config's [model] table, which capture "
                      "reads: chunks will be re-framed, at a latency cost; prefer --set model.*",
                      chunk_factor=m.chunk_factor, config=m.config)
-        step_s = self._warm_up()
         g = self.engine.geometry
+        self.path = AudioPath(self.live, g.sample_rate)
         self.max_backlog = max(1, g.samples(s.max_backlog_ms))
         self.max_gap = g.samples(s.max_gap_ms)
         self.takeover_silence_ns = int(max(TAKEOVER_SILENCE_CHUNKS * g.chunk_s,
@@ -236,53 +250,23 @@ class InferenceService(Service):
         self.receiver = bus.audio_receiver("audio_in", expect_rate=g.sample_rate)
         self.watch_rejects(self.receiver)
         self.sender = bus.audio_sender("audio_out")
+        self.control = ControlPlane(self, bus)
+        self._poller = zmq.Poller()
+        for sock in (self.receiver.socket, self.control.server.socket):
+            self._poller.register(sock, zmq.POLLIN)
         self.ready = True
         self.log("info", "ready", model=self.model_id, kind=self.kind, backend=self.backend, device=self.device,
                  threads=self.threads, chunk_len=g.chunk_len, latency_ms=1000 * g.latency_s, load_s=load_s,
                  warm_step_ms=1000 * step_s)
 
-    def _use_onnx(self, engine):
-        """Take the ONNX Runtime engine :func:`resolve_backend` loaded (numpy + ORT only)."""
-        self.model_id = engine.model_id[:MAX_NAME_LEN]
-        self.trained, self.device = engine.trained, "cpu"
-        return engine
-
-    def _load_llvc(self, spec, s):
-        import torch
-
-        from models.checkpoint import load_spec
-        from models.streaming import StreamingEngine
-
-        # One thread by default: see models/convert.py on OpenMP workers under contention.
-        torch.set_num_threads(s.threads)
-        device = s.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("inference.device = cuda: no CUDA device is available to torch")
-        self.device = device
-        warnings: list[str] = []
-        model, info = load_spec(spec, warn=warnings.append)
-        for text in warnings:
-            self.log("warning", text, model=info.model_id)
-        self.model_id, self.trained = info.model_id[:MAX_NAME_LEN], info.trained
-        return StreamingEngine(model, spec.chunk_factor, device)
-
-    def _warm_up(self) -> float:
-        """A few steps on low noise so the first real chunk is not slow; the last step's time."""
-        e = self.engine
-        x = (np.random.default_rng(0).standard_normal(e.chunk_len) * 0.01).astype(np.float32)
-        e.reset()
-        e.prime(None)
-        step_s = 0.0
-        for _ in range(WARMUP_STEPS):
-            t0 = time.perf_counter()
-            e.process(x)
-            step_s = time.perf_counter() - t0
-        e.reset()
-        return step_s
+    def _use(self, voice: Voice) -> None:
+        """Make ``voice`` the one that converts (at start-up, or at a swap's chunk boundary)."""
+        self.engine, self.backend, self.voice = voice.engine, voice.backend, voice.checkpoint
+        self.model_id, self.trained, self.device = voice.model_id, voice.trained, voice.device
 
     def teardown(self) -> None:
+        if getattr(self, "control", None) is not None:
+            self.control.close()
         self.close_bus()
         self.receiver = self.sender = None
 
@@ -292,16 +276,24 @@ class InferenceService(Service):
             self.backend, self.model_id, not self.trained, self.kind, self.device, self.threads, self.stream_id,
             chunk_len=g.chunk_len if g else None, chunk_ms=g.chunk_ms if g else None,
             algorithmic_latency_ms=1000 * g.algorithmic_latency_s if g else None,
-            latency_ms=1000 * g.latency_s if g else None, chunk_factor=g.chunk_factor if g else None)
+            latency_ms=1000 * g.latency_s if g else None, chunk_factor=g.chunk_factor if g else None,
+            controls=self.live.as_dict(), voice=self.voice)
+
+    def next_offset(self) -> int | None:
+        """The stream sample the next output chunk starts at (where a change applies from)."""
+        seg = self._seg
+        return seg.origin + seg.steps * self.engine.chunk_len if seg is not None else None
 
     # ------------------------------------------------------------------ the loop
     def loop_once(self) -> None:
         start = time.monotonic()
+        self.control.serve()
         batch = self.receiver.drain()
         if not batch and not self._has_work():
-            first = self.receiver.recv(timeout_ms=RECV_WAIT_MS)
-            if first is not None:
-                batch = [first, *self.receiver.drain()]
+            # Idle: wait for audio or a control request, whichever comes first.
+            if self._poller.poll(RECV_WAIT_MS):
+                self.control.serve()
+                batch = self.receiver.drain()
         recv_ns = time.monotonic_ns()
         if any(c.stream_id == self.stream_id for c in batch):
             self._current_heard_ns = recv_ns  # before anything else in the batch is judged
@@ -354,6 +346,8 @@ class InferenceService(Service):
         """Forget the engine state; the next chunk fed starts a new segment."""
         self._seg = None
         self.engine.reset()
+        if reason == ResetReason.NEW_STREAM:
+            self.path.reset()
         self._fresh = True
         self.count(Counter.RESETS)
         self.publish(Reset(self.stream_id, reason, offset))
@@ -429,7 +423,9 @@ class InferenceService(Service):
             self._source_end = c.source_end
         e = self.engine
         if not e.primed and len(seg.buf) >= e.head_len:
-            e.prime(seg.buf[:e.head_len])
+            seg.raw_tail = seg.buf[:e.head_len].copy()
+            seg.model_tail = self.path.shape_input(seg.raw_tail)
+            e.prime(seg.model_tail)
             seg.buf = seg.buf[e.head_len:]
 
     def _slow_down(self) -> None:
@@ -440,18 +436,47 @@ class InferenceService(Service):
         if now < self._slow_until:
             time.sleep(self._slow_step)
 
+    def _convert(self, x: np.ndarray, head: np.ndarray, offset: int) -> np.ndarray:
+        """One engine step; at a voice swap, the new voice's first step too, crossfaded in.
+
+        The new engine starts afresh (a state reset, reason ``voice``) primed with the ``head``
+        samples before ``x``: from the crossfade's end on, the output is exactly the new voice's
+        streamed conversion from ``offset``.
+        """
+        voice = self.control.ready_voice()
+        if voice is None:
+            return self.engine.process(x)
+        old = self.engine.process(x)
+        voice.engine.reset()
+        voice.engine.prime(head)
+        new = voice.engine.process(x)
+        self._use(voice)
+        self._fresh = True
+        self.count(Counter.RESETS)
+        self.publish(Reset(self.stream_id, ResetReason.VOICE, offset))
+        self.control.swapped(voice, offset)
+        return crossfade(old, new, 0, self.path.fade)
+
     def _step(self) -> None:
         """Convert the segment's next ``chunk_len`` samples and send them."""
-        seg, e = self._seg, self.engine
-        C = e.chunk_len
+        seg = self._seg
+        C, H = self.engine.chunk_len, self.engine.head_len
         x, seg.buf = seg.buf[:C], seg.buf[C:]
         offset = seg.origin + seg.steps * C
         seg.steps += 1
         t0 = time.perf_counter_ns()
-        y = e.process(x)
+        # Output [offset, offset + C) is the model's answer to input [offset + H, offset + H + C);
+        # bypass plays input [offset, offset + C) itself: the same timeline.
+        raw = np.concatenate([seg.raw_tail, x])
+        shaped = self.path.shape_input(x)
+        model_in = np.concatenate([seg.model_tail, shaped])
+        seg.raw_tail, seg.model_tail = raw[-H:] if H else raw[:0], model_in[-H:] if H else model_in[:0]
+        y = self._convert(shaped, model_in[:H], offset)
+        y = self.path.finish(y, raw[:C])
         if self._slow_step:
             self._slow_down()
         proc_ns = time.perf_counter_ns() - t0
+        e = self.engine
         self._steps_unchecked += 1
         check_state = self._steps_unchecked >= STATE_CHECK_EVERY
         if check_state:

@@ -289,3 +289,161 @@ def test_a_dashboard_that_cannot_start_costs_the_pipeline_nothing(tmp_path):
     assert len(warning) == 1 and f"cannot listen on 127.0.0.1:{port}" in warning[0]
     assert "the pipeline runs without it" in warning[0]
     assert json.loads((tmp_path / "run" / "report.json").read_text())["chunks"] > 20  # it ran, and played
+
+
+# --------------------------------------------------------------------------- /api/control
+class FakeLink:
+    """Stands in for :class:`ControlLink`: records requests, answers like inference would."""
+
+    def __init__(self):
+        self.requests: list = []
+        self.controls = {"bypass": False, "input_gain_db": 0.0}
+        self.down = False
+
+    def request(self, req):
+        from common.control import ControlError, ControlReply
+
+        self.requests.append(req)
+        if self.down:
+            raise ControlError("no reply from tcp://127.0.0.1:1 within 2 s")
+        state = {"controls": dict(self.controls), "voice": "", "loading": None, "last_switch": None}
+        if req.cmd == "voices":
+            return ControlReply(True, None, {**state, "voices": [{"name": "v", "checkpoint": "/x/v.pth"}]})
+        if req.cmd == "set":
+            bad = [k for k, v in req.values.items() if k == "input_gain_db" and not -40 <= v <= 40]
+            if bad:
+                return ControlReply(False, "input_gain_db: must be in [-40, 40]", state)
+            self.controls.update(req.values)
+            return ControlReply(True, None, {**state, "controls": dict(self.controls)})
+        return ControlReply(True, None, {**state, "loading": req.checkpoint})
+
+    def close(self):
+        pass
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict | str]:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            status, data = r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        status, data = exc.code, exc.read()
+    try:
+        return status, json.loads(data)
+    except ValueError:
+        return status, data.decode()
+
+
+@pytest.fixture
+def control_server():
+    from services.dashboard.server import DashboardServer, FullState
+
+    link = FakeLink()
+    srv = DashboardServer("127.0.0.1", 0, "", Hub(2, 2), FullState(), link)
+    srv.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/api/control", link, srv
+    srv.stop()
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def test_the_control_endpoint_forwards_and_answers_in_one_line(control_server):
+    url, link, srv = control_server
+    status, doc = http("GET", url)
+    assert status == 200 and doc["ok"] and doc["state"]["voices"][0]["name"] == "v"
+    assert link.requests[-1].cmd == "voices"
+    status, doc = http("POST", url, b'{"cmd": "set", "values": {"bypass": true}}', JSON)
+    assert status == 200 and doc["ok"] and doc["state"]["controls"]["bypass"] is True
+    assert link.requests[-1].values == {"bypass": True}
+    # Refused by inference: 200, ok false, its one line.
+    status, doc = http("POST", url, b'{"cmd": "set", "values": {"input_gain_db": 999}}', JSON)
+    assert status == 200 and doc["ok"] is False and doc["error"].startswith("input_gain_db:")
+    status, doc = http("POST", url, b'{"cmd": "voice", "checkpoint": "v"}', {**JSON, "Origin": url[:-12]})
+    assert status == 200 and doc["state"]["loading"] == "v"
+    # Inference not answering: 502, one line.
+    link.down = True
+    status, doc = http("GET", url)
+    assert status == 502 and doc["ok"] is False and "no reply" in doc["error"] and "\n" not in doc["error"]
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"{nope", "not JSON"), (b"[1]", "expected a JSON object"), (b'{"cmd": "status"}', "cmd:"),
+    (b'{"cmd": "set", "values": {}}', "values:"), (b'{"cmd": "set", "values": {"a": [1]}}', "values.a"),
+    (b'{"cmd": "set", "values": {"a": NaN}}', "NaN"), (b'{"cmd": "set", "values": {"a": 1e999}}', "values.a"),
+    (b'{"cmd": "set", "values": {"a": 123456789012345678901234567890}}', "values.a"),
+    (b'{"cmd": "set", "values": {"a": 1}, "x": 1}', "x: not a field"), (b'{"cmd": "voice"}', "checkpoint"),
+    (b'{"cmd": "voice", "checkpoint": "v", "config": 3}', "config"), (b"\xff\xfe", "not JSON"),
+])
+def test_a_malformed_control_body_is_400_and_never_reaches_inference(control_server, body, why):
+    url, link, _ = control_server
+    status, doc = http("POST", url, body, JSON)
+    assert status == 400 and why in doc["error"] and "\n" not in doc["error"], doc
+    assert link.requests == []
+
+
+def test_a_foreign_page_cannot_post_and_a_huge_body_is_not_read(control_server):
+    url, link, srv = control_server
+    body = b'{"cmd": "set", "values": {"bypass": true}}'
+    port = url.split(":")[2].split("/")[0]
+    for headers in ({"Content-Type": "text/plain"}, {},                         # a "simple" request
+                    {**JSON, "Origin": "http://evil.example"},                  # another origin
+                    {**JSON, "Origin": "null"},
+                    {**JSON, "Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}):  # rebinding
+        status, doc = http("POST", url, body, headers)
+        assert status == 403 and "\n" not in doc["error"], (headers, doc)
+    assert link.requests == [] and srv.refused == 5
+    status, doc = http("POST", url, b" " * 5000, JSON)
+    assert status == 413 and "4096" in doc["error"]
+    # The same origin, by name or number, is fine.
+    for host in ("localhost", "127.0.0.1"):
+        status, doc = http("POST", url, body, {**JSON, "Host": f"{host}:{port}", "Origin": f"http://{host}:{port}"})
+        assert status == 200 and doc["ok"], doc
+
+
+def test_the_control_link_reconnects_after_a_request_times_out():
+    from common.control import ControlError, ControlReply, ControlRequest
+    from services.dashboard.server import ControlLink
+
+    made, discarded = [], []
+
+    class Client:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def request(self, req, timeout_ms):
+            if self.fail:
+                raise ControlError("no reply within 2 s")
+            return ControlReply(True, None, {"n": len(made)})
+
+    link = ControlLink(lambda: made.append(Client(fail=not made)) or made[-1], discarded.append)
+    with pytest.raises(ControlError):
+        link.request(ControlRequest("status"))
+    assert discarded == [made[0]]
+    assert link.request(ControlRequest("status")).state == {"n": 2} and len(made) == 2
+    assert link.request(ControlRequest("status")).ok and len(made) == 2  # kept while it answers
+    link.close()
+    assert discarded == made
+    with pytest.raises(ControlError, match="stopping"):
+        link.request(ControlRequest("status"))
+
+
+def test_the_state_carries_the_live_settings_from_heartbeats_and_events():
+    st = DashboardState(10.0, 3, 0.25)
+    assert st.update(0.0, 1000.0)[0]["control"]["controls"] is None
+    status = T.InferenceStatus("onnx", "m", False, "llvc", "cpu", 1, "s", 208, 13.0, 15.0, 14.0, 1,
+                               controls={"bypass": False, "input_gain_db": 0.0}, voice="")
+    st.add(T.Heartbeat(True, 1.0, {}, status, origin=origin("inference")), 0.1, 1000.1)
+    st.add(T.ControlChanged({"bypass": True}, "local", "s", 24960, origin=origin("inference")), 0.2, 1000.2)
+    st.add(T.VoiceSwitch("loading", "/v/a.pth", by="local", origin=origin("inference")), 0.3, 1000.3)
+    delta, full = st.update(0.4, 1000.4, full=True)
+    assert delta["control"] == full["control"] == {"controls": {"bypass": True, "input_gain_db": 0.0}, "voice": "",
+                                                   "loading": "/v/a.pth", "last_switch": None}
+    st.add(T.VoiceSwitch("swapped", "/v/a.pth", "a@1", "local", "s", 30000, 812.5, origin=origin("inference")),
+           0.5, 1000.5)
+    c = st.update(0.6, 1000.6)[0]["control"]
+    assert c["voice"] == "/v/a.pth" and c["loading"] is None and c["last_switch"]["ok"] is True
+    texts = [e["text"] for e in full["events"]]
+    assert "bypass=on (by local from sample 24960)" in texts
+    assert any(t.startswith("loading /v/a.pth") for t in texts)
+    json.dumps(full, allow_nan=False)

@@ -32,6 +32,7 @@ DEFAULT_TEXT = DEFAULT_PIPELINE_CONFIG.read_text(encoding="utf-8")
 DEFAULT_ENDPOINTS = {
     "audio_in": ("tcp://127.0.0.1:5550", "inference"),
     "audio_out": ("tcp://127.0.0.1:5551", "inference"),
+    "control": ("tcp://127.0.0.1:5552", "inference"),
     "telemetry_capture": ("tcp://127.0.0.1:5560", "capture"),
     "telemetry_inference": ("tcp://127.0.0.1:5561", "inference"),
     "telemetry_playback": ("tcp://127.0.0.1:5562", "playback"),
@@ -100,7 +101,7 @@ def test_default_file_loads_with_the_documented_values():
     )
     assert isinstance(cfg.bus.heartbeat_interval_s, float)
     assert cfg.security == SecurityOptions(curve=False, keys_dir=Path.cwd() / "keys")
-    assert set(cfg.services) == {"model", *SERVICES, *TAPS}
+    assert set(cfg.services) == {"model", "control", *SERVICES, *TAPS}
     assert [ep.name for ep in cfg.telemetry_endpoints()] == [
         "telemetry_capture", "telemetry_inference", "telemetry_playback", "telemetry_monitor"]
 
@@ -109,7 +110,7 @@ def test_the_default_file_declares_no_setting_values():
     # Defaults are declared once, in the code: the file shows them commented out
     # (tests/test_service_base.py holds each shown value to the code's, key for key).
     raw = tomllib.loads(DEFAULT_TEXT)
-    assert set(raw) == {"endpoints", "bus", "security", "model", *SERVICES, *TAPS}
+    assert set(raw) == {"endpoints", "bus", "security", "model", "control", *SERVICES, *TAPS}
     assert all(raw[table] == {} for table in raw if table != "endpoints")
 
 
@@ -120,7 +121,7 @@ def test_missing_tables_take_defaults(tmp_path):
     cfg = load(path=write(tmp_path, text))
     assert cfg.bus == BusOptions()
     assert cfg.security.curve is False
-    assert cfg.services == {name: {} for name in ("model", *SERVICES, *TAPS)}
+    assert cfg.services == {name: {} for name in ("model", "control", *SERVICES, *TAPS)}
 
 
 def test_service_tables_are_kept_as_plain_dicts(tmp_path):
@@ -280,7 +281,7 @@ def test_curve_with_non_tcp_endpoints_is_fine():
     cfg = load("security.curve=true", "endpoints.audio_in.connect=ipc:///tmp/llvc-in",
                "endpoints.audio_out.connect=inproc://audio-out")
     assert cfg.security.curve is True
-    assert [ep.is_tcp for ep in cfg.endpoints.values()] == [False, False, True, True, True, True]
+    assert [ep.is_tcp for ep in cfg.endpoints.values()] == [False, False, True, True, True, True, True]
 
 
 def test_keys_dir_is_made_absolute(tmp_path, monkeypatch):

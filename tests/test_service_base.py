@@ -25,6 +25,7 @@ from common.settings import fields_of
 from common.telemetry import Reject
 from services.base import SETUP_FAILED, ModelSettings, RateLimited, Service, read_exit_record, run_service
 from services.capture import CaptureSettings
+from services.controls import LiveSettings
 from services.dashboard import DashboardSettings
 from services.inference import InferenceSettings
 from services.monitor import MonitorSettings
@@ -33,7 +34,7 @@ from services.playback import PlaybackSettings
 #: Every settings table of the pipeline config and the class that declares it.
 TABLES = {"bus": BusOptions, "security": SecurityOptions, "model": ModelSettings, "capture": CaptureSettings,
           "inference": InferenceSettings, "playback": PlaybackSettings, "monitor": MonitorSettings,
-          "dashboard": DashboardSettings}
+          "dashboard": DashboardSettings, "control": LiveSettings}
 
 
 def documented_defaults() -> dict[str, dict[str, object]]:

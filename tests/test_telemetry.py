@@ -47,6 +47,9 @@ RECORDS = [
     ("monitor", T.InputOverflow("capture", 2, 5)),
     ("monitor", T.OutputUnderflow("playback", 1, 1)),
     ("playback", T.SinkError("/x.wav", "No space left on device", 4000)),
+    ("inference", T.ControlChanged({"bypass": True, "input_gain_db": -6.0}, "local", "s1", 4176)),
+    ("inference", T.VoiceSwitch("swapped", "models/demo_voice.pth", "llvc-demo", "client", "s1", 8336, 172.3)),
+    ("inference", T.VoiceSwitch("failed", "x.pth", by="local", reason="x.pth: not a loadable PyTorch checkpoint")),
 ]
 
 

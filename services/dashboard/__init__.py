@@ -4,9 +4,10 @@ A tap like the monitor, never on the audio path: it subscribes to every service'
 (level frames and chunk headers included), publishes nothing, and serves
 ``http://<[dashboard] bind>/`` (default ``127.0.0.1:8770``): the page (``static/``, every asset
 in the package), ``GET /api/state`` (everything the page shows, one JSON document) and
-``GET /api/stream`` (server-sent events, one update every ``update_interval_s``).
-``docs/dashboard-api.md`` is the contract of both; :mod:`.state` builds them, :mod:`.server`
-serves them.
+``GET /api/stream`` (server-sent events, one update every ``update_interval_s``), and
+``GET``/``POST /api/control`` (inference's live settings and voice, read and changed through
+its control endpoint, as ``llvc ctl`` does). ``docs/dashboard-api.md`` is the contract;
+:mod:`.state` builds the documents, :mod:`.server` serves them.
 
 Bound to a loopback address it asks nothing. Bound to any other address it requires a token
 (``[dashboard] token``; when empty one is generated and its URL printed once). ``llvc run``
@@ -15,7 +16,9 @@ starts it unless ``--no-dashboard`` and prints its URL.
 **Threads.** The loop thread owns :class:`~.state.DashboardState`: it takes records in, and every
 ``update_interval_s`` encodes an update and hands the bytes to the HTTP threads
 (:class:`~.server.Hub`, :class:`~.server.FullState`). A slow or vanished browser costs only its
-own bounded queue; nothing the HTTP side does can make the loop wait.
+own bounded queue; nothing the HTTP side does can make the loop wait. ``/api/control`` requests
+are the HTTP threads' own: they share one REQ socket (:class:`~.server.ControlLink`, on the
+bus's context, never touched by the loop thread).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from common.settings import at_least, setting
 from common.tap import topics_for
 from services.base import Service, add_service_arguments, service_main
 
-from .server import DashboardServer, FullState, Hub, encode_update
+from .server import ControlLink, DashboardServer, FullState, Hub, encode_update
 from .state import DashboardState
 
 __all__ = ["DashboardService", "DashboardSettings", "parse_bind", "is_loopback", "dashboard_url",
@@ -108,6 +111,7 @@ class DashboardService(Service):
         self.http: DashboardServer | None = None
         self._sub = None
         self._conn_events = None
+        self.control: ControlLink | None = None
 
     def setup(self) -> None:
         """Validate settings, listen, subscribe."""
@@ -125,8 +129,9 @@ class DashboardService(Service):
         self.hub = Hub(s.max_clients, s.client_queue)
         self.full_state = FullState()
         host, port = parse_bind(s.bind)
+        self.control = ControlLink(self._control_client, self._discard_control)
         try:
-            self.http = DashboardServer(host, port, token, self.hub, self.full_state)
+            self.http = DashboardServer(host, port, token, self.hub, self.full_state, self.control)
         except OSError as exc:
             where = "command line" if flags["bind"] is not None else self.cfg.origin("dashboard", "bind")
             raise PipelineConfigError(f"{where}: dashboard.bind: cannot listen on {s.bind} "
@@ -140,7 +145,10 @@ class DashboardService(Service):
         self._publishers = {ep.connect: ep.name.removeprefix("telemetry_") for ep in self.cfg.telemetry_endpoints()}
         self._conn_events = self._sub.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.mirror(lambda: {"clients": self.hub.count, "client_updates_dropped": self.hub.dropped(),
-                             "unauthorized": self.http.unauthorized if self.http else 0})
+                             "unauthorized": self.http.unauthorized if self.http else 0,
+                             "control_refused": self.http.refused if self.http else 0,
+                             "control_requests": self.control.requests if self.control else 0,
+                             "control_failures": self.control.failures if self.control else 0})
         # The token is said once, by whoever made it (llvc run passes its own and prints it).
         self.log("info", "serving", url=dashboard_url(s, token if generated else ""),
                  auth="token" if token else "none (loopback)")
@@ -152,6 +160,31 @@ class DashboardService(Service):
         from common.bus import Bus
 
         return Bus(self.cfg, self.name)
+
+    def _control_client(self):
+        """A fresh REQ client to inference's control endpoint (called by :class:`ControlLink`,
+        in an HTTP thread). It gets a bus of its own on the tap's context, so that a client
+        given up on can be closed alone, without touching the sockets of the loop thread."""
+        from common.bus import Bus
+        from common.control import ControlError
+
+        tap = self.bus
+        if tap is None:
+            raise ControlError("the dashboard is starting or stopping")
+        bus = Bus(self.cfg, self.name, context=tap.context)
+        try:
+            client = bus.control_client()
+        except Exception:
+            bus.close()
+            raise
+        client.bus = bus  # closed with it (_discard_control)
+        return client
+
+    @staticmethod
+    def _discard_control(client) -> None:
+        # LINGER 0: a request nobody answered must not hold the context's termination.
+        client.socket.setsockopt(zmq.LINGER, 0)
+        client.bus.close()  # its own context is the tap's: close() leaves that running
 
     def loop_once(self) -> None:
         """Sleep until the next update is due, take in everything that arrived meanwhile, and send
@@ -195,7 +228,7 @@ class DashboardService(Service):
     def teardown(self) -> None:
         """Stop serving, close the bus."""
         if self.http is not None:
-            self.http.stop()
+            self.http.stop()  # closes the control link too: before the bus ends the shared context
             self.http = None
         if self._conn_events is not None:
             self._sub.socket.disable_monitor()

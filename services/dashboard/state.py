@@ -32,7 +32,10 @@ here:
 * **Losses** with rates over the last minute, resets by reason (from ``reset`` events), and
   concealed audio (playback's ``underrun_samples``, as WebRTC counts ``concealedSamples``).
 * **Sound frames** from capture (input) and playback (output).
-* **Events**, the last 100.
+* **Events**, the last 100 (live-setting changes and voice switches in words).
+* **Control**: inference's live settings and voice, from its heartbeat (about once a second)
+  and, sooner, from its ``control`` and ``voice`` events, so the page shows a change made by
+  ``llvc ctl`` or another page as soon as it is made.
 
 Nothing here touches the bus, the clock or a socket: callers pass ``now`` (monotonic) and
 ``wall`` (Unix seconds), so it is testable alone.
@@ -50,16 +53,19 @@ from common.audio import SAMPLE_RATE
 from common.levels import band_centres_hz
 from common.telemetry import (
     AudioHeader,
+    ControlChanged,
     Counter,
     Event,
     Heartbeat,
     InferenceChunk,
+    InferenceStatus,
     PlaybackChunk,
     PlaybackStatus,
     Record,
     Reset,
     SoundFrame,
     Status,
+    VoiceSwitch,
 )
 from services.monitor.health import DeviceFlags, Liveness, Overload
 from services.monitor.ingest import Stats
@@ -83,6 +89,29 @@ SOUND_HISTORY_S = 10.0
 MAX_EVENTS = 100
 MAX_PENDING_HEADERS = 512   # chunk headers waiting for their first sample to play (~6 s at cf 1)
 RATE_WINDOW_S = 60.0        # losses' per-minute rates
+
+
+def _shown(v: Any) -> str:
+    return ("on" if v else "off") if isinstance(v, bool) else str(v)
+
+
+def _event_text(ev: Event) -> str | None:
+    """Words for a live-setting change or a voice switch (``None``: the generic key=value list)."""
+    if isinstance(ev, ControlChanged):
+        changes = ev.changes if isinstance(ev.changes, dict) else {}
+        where = f" from sample {ev.offset}" if ev.offset is not None else ""
+        return " ".join(f"{k}={_shown(v)}" for k, v in changes.items()) + f" (by {ev.by}{where})"
+    if isinstance(ev, VoiceSwitch):
+        voice = ev.voice or "the demo voice"
+        if ev.phase == "loading":
+            return f"loading {voice} (by {ev.by}; the current voice keeps converting)"
+        if ev.phase == "swapped":
+            took = f", loaded in {ev.load_ms / 1000:.2f} s" if ev.load_ms is not None else ""
+            where = f" from sample {ev.offset}" if ev.offset is not None else ""
+            return f"switched to {voice} (model {ev.model}{took}){where}"
+        if ev.phase == "failed":
+            return f"failed: {voice}: {ev.reason} (the current voice stays)"
+    return None
 
 
 def _r(v: float | None, nd: int = 3) -> float | None:
@@ -158,6 +187,9 @@ class DashboardState:
         self._totals: collections.deque[tuple[float, dict[str, float]]] = collections.deque()
         self._level = {"input": None, "output": None}
         self.frame_ms: float | None = None
+        # control: live settings and voice (None until inference says); loading and last_switch
+        # come from voice events only (a heartbeat does not carry them)
+        self.control: dict[str, Any] = {"controls": None, "voice": None, "loading": None, "last_switch": None}
 
     # ------------------------------------------------------------------ records in
     def add(self, record: Record, now: float, wall: float) -> None:
@@ -186,15 +218,42 @@ class DashboardState:
             case Heartbeat():
                 if isinstance(record.status, PlaybackStatus):
                     self.playback = record.status
+                elif isinstance(record.status, InferenceStatus):
+                    self._inference_beat(record.status)
             case Status():
                 pass  # the monitor's status line: the page shows the figures themselves
             case Event():
                 if isinstance(record, Reset):
                     self.resets[record.reason] = self.resets.get(record.reason, 0) + 1
-                self._event(wall, record.service, record.name, record.to_data())
+                elif isinstance(record, ControlChanged | VoiceSwitch):
+                    self._control_event(record)
+                self._event(wall, record.service, record.name, record.to_data(), _event_text(record))
 
-    def _event(self, wall: float, service: str, name: str, data: dict[str, Any]) -> None:
-        text = " ".join(f"{k}={v}" for k, v in data.items() if k not in ("schema", "event"))
+    def _inference_beat(self, st: InferenceStatus) -> None:
+        """The settings inference has now (a restarted inference starts from its config)."""
+        c = self.control
+        if isinstance(st.controls, dict):
+            c["controls"] = dict(st.controls)
+        if st.voice is not None:
+            c["voice"] = st.voice
+
+    def _control_event(self, ev: ControlChanged | VoiceSwitch) -> None:
+        c = self.control
+        if isinstance(ev, ControlChanged):
+            if c["controls"] is not None and isinstance(ev.changes, dict):
+                c["controls"] = {**c["controls"], **ev.changes}
+        elif ev.phase == "loading":
+            c["loading"] = ev.voice
+        elif ev.phase == "swapped":
+            c.update(voice=ev.voice, loading=None,
+                     last_switch={"voice": ev.voice, "ok": True, "model": ev.model, "load_ms": ev.load_ms,
+                                  "offset": ev.offset})
+        elif ev.phase == "failed":
+            c.update(loading=None, last_switch={"voice": ev.voice, "ok": False, "reason": ev.reason})
+
+    def _event(self, wall: float, service: str, name: str, data: dict[str, Any], text: str | None = None) -> None:
+        if text is None:
+            text = " ".join(f"{k}={v}" for k, v in data.items() if k not in ("schema", "event"))
         e = {"t": round(wall, 3), "service": service, "event": str(name), "text": text[:300]}
         self.events.appendleft(e)
         self.fresh_events.append(e)
@@ -309,7 +368,8 @@ class DashboardState:
         return {"version": VERSION, "n": self.n, "t": round(wall, 3), "update_interval_s": self.update_interval_s,
                 "history_s": self.history_s, "health": self._health(now), "losses": self._losses(wall),
                 "compute": self._compute(window), "p50": _r(e2e["p50"]), "p99": _r(e2e["p99"]),
-                "recent_ms": self._recent_parts(wall)}
+                "recent_ms": self._recent_parts(wall),
+                "control": {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.control.items()}}
 
     def _document(self, c: dict[str, Any], series, events: list[dict]) -> dict[str, Any]:
         return {
@@ -326,4 +386,5 @@ class DashboardState:
                       "input": self._level["input"], "output": self._level["output"],
                       "frames": {side: series(s) for side, s in self.sound.items()}},
             "events": events,
+            "control": c["control"],
         }

@@ -272,6 +272,7 @@
   /** After every update: what must be current on every update. */
   function refresh(force) {
     renderHealth(NUMBERS_EVERY_UPDATE);
+    renderControls(obj(state.control), false);
     renderLatencyText();
     if (NUMBERS_EVERY_UPDATE) renderNumbers();
     chartsDue(force);
@@ -899,6 +900,192 @@
     ctx.fillText('now', W, H);
   }
 
+
+  // ---------------------------------------------------------------- controls
+  /* The live settings, read from each update's `control` (inference's heartbeat and its control
+   * and voice events) and changed with POST api/control. The panel is written only when the
+   * settings differ from what it shows (one string compare per update otherwise); a slider the
+   * user is dragging is left alone, and a change is sent on release, not on every input event. */
+  const CTL_TOGGLES = [['ctl-bypass', 'bypass'], ['ctl-gate', 'gate'], ['ctl-agc', 'agc']];
+  const CTL_SLIDERS = [['ctl-input-gain', 'input_gain_db', ' dB'], ['ctl-output-gain', 'output_gain_db', ' dB'],
+    ['ctl-gate-threshold', 'gate_threshold_db', ' dBFS']];
+  const CTL_HOLD_MS = 1000;       // after a reply, updates older than it must not undo what it showed
+  const ctl = dash.control = { shown: '', holdUntil: 0, editing: new Set(), voices: null, current: null,
+    switching: null, posts: 0, renders: 0 };
+
+  const signed = (v, unit) => (isNum(v) ? (v > 0 ? '+' : '') + toFixedEven(v, 1) + unit : DASH);
+  const ctlKey = (c) => JSON.stringify([c.controls ?? null, c.voice ?? null, c.loading ?? null, c.last_switch ?? null]);
+
+  function ctlError(text) {
+    const el = $('ctl-error');
+    const line = text ? String(text).replace(/\s+/g, ' ').slice(0, 300) : '';
+    setText(el, line);
+    if (el.title !== line) el.title = line;
+  }
+
+  /** Show control state `c` ({controls, voice, loading, last_switch}) if it differs from what is shown. */
+  function renderControls(c, fromReply) {
+    c = obj(c);
+    if (!fromReply && performance.now() < ctl.holdUntil) return;
+    const key = ctlKey(c);
+    if (key === ctl.shown) return;
+    ctl.shown = key;
+    ctl.renders += 1;
+    const v = c.controls && typeof c.controls === 'object' ? c.controls : null;
+    for (const [id, k] of CTL_TOGGLES) {
+      const el = $(id);
+      el.disabled = !v;
+      if (v && el.checked !== !!v[k]) el.checked = !!v[k];
+    }
+    for (const [id, k, unit] of CTL_SLIDERS) {
+      const el = $(id);
+      el.disabled = !v;
+      if (!v || ctl.editing.has(id)) continue;
+      if (isNum(v[k]) && Number(el.value) !== v[k]) el.value = String(v[k]);
+      setText($(id + '-value'), signed(v[k], unit));
+    }
+    const panel = $('controls'), by = v && v.bypass ? 'on' : 'off';
+    if (panel.dataset.bypass !== by) panel.dataset.bypass = by;
+    if (typeof c.voice === 'string') ctl.current = c.voice;
+    renderVoices();
+  }
+
+  function voiceLabel(checkpoint) {
+    if (!checkpoint) return '(the embedded demo voice)';
+    const known = arr(ctl.voices).find((x) => obj(x).checkpoint === checkpoint);
+    return known ? String(known.name) : String(checkpoint).split('/').pop();
+  }
+
+  /** The <select>: every voice in voices_dir, and the current one (selected) if it is not among them. */
+  function renderVoices() {
+    const sel = $('ctl-voice'), cur = ctl.current;
+    const list = arr(ctl.voices).map((x) => [String(obj(x).checkpoint ?? ''), String(obj(x).name ?? '')]);
+    if (cur !== null && !list.some(([ck]) => ck === cur)) list.unshift([cur, voiceLabel(cur)]);
+    const want = JSON.stringify(list);
+    if (sel._list !== want) {
+      const keep = sel.value;
+      sel.replaceChildren(...list.map(([ck, name]) => {
+        const o = h('option', '', name);
+        o.value = ck;
+        if (!ck) o.disabled = true;    // the demo voice cannot be asked for by name
+        return o;
+      }));
+      sel._list = want;
+      if (keep && list.some(([ck]) => ck === keep)) sel.value = keep;
+      else if (cur !== null) sel.value = cur;
+    }
+    if (sel._cur !== cur && cur !== null) { sel.value = cur; sel._cur = cur; }
+    sel.disabled = !list.length;
+    $('ctl-voice-switch').disabled = !list.some(([ck]) => ck) || !!ctl.switching;
+  }
+
+  /** POST a control request; the reply's state is shown at once. Resolves to the reply or null. */
+  async function ctlPost(body) {
+    ctl.posts += 1;
+    let r, j = null;
+    try {
+      r = await fetch(apiUrl('api/control'), { method: 'POST', cache: 'no-store',
+        headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
+      j = await r.json().catch(() => null);
+    } catch (e) {
+      ctlError('the dashboard did not answer: ' + e.message);
+      ctl.shown = '';                        // show the server's values again with the next update
+      return null;
+    }
+    j = obj(j);
+    if (j.state && typeof j.state === 'object') {
+      ctl.shown = '';
+      ctl.holdUntil = performance.now() + CTL_HOLD_MS;
+      if (Array.isArray(j.state.voices)) ctl.voices = j.state.voices;
+      renderControls(j.state, true);
+    } else {
+      ctl.shown = '';
+      renderControls(obj(state.control), true);   // a refused request changed nothing: undo the widget
+    }
+    if (!r.ok || !j.ok) ctlError(j.error || 'HTTP ' + r.status);
+    else ctlError('');
+    return j;
+  }
+
+  /** GET api/control: the state and the voices (retried until inference answers). */
+  async function ctlFetch() {
+    try {
+      const r = await fetch(apiUrl('api/control'), { cache: 'no-store' });
+      const j = obj(await r.json().catch(() => null));
+      if (!r.ok || !j.state) throw new Error(j.error || 'HTTP ' + r.status);
+      ctl.voices = arr(j.state.voices);
+      ctl.shown = '';
+      renderControls(j.state, true);
+      return j.state;
+    } catch (e) {
+      setText($('ctl-voice-status'), 'voices unavailable');
+      setTimeout(ctlFetch, 5000);
+      return null;
+    }
+  }
+
+  async function switchVoice() {
+    const checkpoint = $('ctl-voice').value;
+    if (!checkpoint || ctl.switching) return;
+    const reply = await ctlPost({ cmd: 'voice', checkpoint });
+    if (!reply || !reply.ok) return;
+    ctl.switching = checkpoint;
+    renderVoices();
+    setText($('ctl-voice-status'), 'loading\u2026');
+    const deadline = performance.now() + 300000;
+    const poll = async () => {
+      const st = await (async () => {
+        try {
+          const r = await fetch(apiUrl('api/control'), { cache: 'no-store' });
+          return r.ok ? obj(obj(await r.json()).state) : null;
+        } catch (e) { return null; }
+      })();
+      const last = st ? obj(st.last_switch) : {};
+      if (st && !st.loading && last.voice !== undefined) {
+        ctl.switching = null;
+        if (Array.isArray(st.voices)) ctl.voices = st.voices;
+        ctl.shown = '';
+        renderControls(st, true);
+        if (last.ok) {
+          setText($('ctl-voice-status'), 'loaded' + (isNum(last.load_ms) ? ' in ' + toFixedEven(last.load_ms / 1000, 2) + ' s' : ''));
+          ctlError('');
+        } else {
+          setText($('ctl-voice-status'), 'failed');
+          ctlError('voice switch failed: ' + (last.reason || 'unknown reason'));
+        }
+        return;
+      }
+      if (performance.now() > deadline) {
+        ctl.switching = null;
+        renderVoices();
+        setText($('ctl-voice-status'), '');
+        ctlError('no word from inference on the voice switch after 5 min');
+        return;
+      }
+      setTimeout(poll, 500);
+    };
+    setTimeout(poll, 300);
+  }
+
+  function setupControls() {
+    for (const [id, k] of CTL_TOGGLES) {
+      $(id).addEventListener('change', (ev) => ctlPost({ cmd: 'set', values: { [k]: ev.target.checked } }));
+    }
+    for (const [id, k, unit] of CTL_SLIDERS) {
+      const el = $(id);
+      // while dragging: the number follows, nothing is sent, updates leave the slider alone
+      el.addEventListener('input', () => { ctl.editing.add(id); setText($(id + '-value'), signed(Number(el.value), unit)); });
+      el.addEventListener('change', async () => {
+        const j = await ctlPost({ cmd: 'set', values: { [k]: Number(el.value) } });
+        ctl.editing.delete(id);                  // now the reply's value (or, without one, the last known)
+        ctl.shown = '';
+        renderControls(j && j.state ? j.state : obj(state.control), true);
+      });
+    }
+    $('ctl-voice-switch').addEventListener('click', switchVoice);
+    ctlFetch();
+  }
+
   // ---------------------------------------------------------------- start
   function start() {
     createCharts();
@@ -906,6 +1093,7 @@
       sizeCanvas($('spec-' + side));
       resizer.observe($('spec-' + side));
     }
+    setupControls();
     refresh(true);                      // render the empty shape at once
     setInterval(renderRate, 1000);
     loading = true;                     // buffer stream updates until the snapshot is in
