@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from common.config import PipelineConfigError, add_config_arguments, config_from_args
 from common.control import ControlError, ControlReply, ControlRequest
@@ -70,8 +71,6 @@ def _show(state: dict, as_json: bool) -> None:
           f"backend {state.get('backend')}" + (f"  loading {state['loading']}" if state.get("loading") else ""))
     for key, value in (state.get("controls") or {}).items():
         print(f"{key:<18} {_shown(value)}")
-    for v in state.get("voices") or []:
-        print(f"voice: {v['name']:<24} {v['checkpoint']}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
         last = reply.state["last_switch"]
         print(f"switched to {last['voice']} (model {last['model']}, loaded in {last['load_ms'] / 1000:.2f} s "
               f"while the previous voice kept converting)")
+    elif req.cmd == "voices" and not args.json:
+        current = reply.state.get("voice") or ""
+        for v in reply.state.get("voices") or []:
+            mark = "*" if Path(v["checkpoint"]).resolve() == Path(current).resolve() and current else " "
+            print(f"{mark} {v['name']:<24} {v['checkpoint']}")
     elif req.cmd == "set" and not args.json:
         now = reply.state["controls"]
         print("  ".join(f"{k} {_shown(now[k])}" for k in req.values))
