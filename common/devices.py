@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from typing import Any
 
 NO_DEVICES = ("PortAudio lists no sound devices (no sound card, or no sound server reachable); "
@@ -60,6 +61,25 @@ def find_device(spec: str, devices: list[dict], default: int = -1, direction: st
     else:
         what = f"no {direction} device matches {spec!r}"
     raise DeviceError(f"{what} ({direction} devices: {listing})")
+
+
+def read_stream_clock(stream, tries: int = 5) -> tuple[float, int, int]:
+    """``(stream time s, monotonic ns, spread ns)``: PortAudio's stream clock and CLOCK_MONOTONIC
+    read together, the tightest of ``tries`` bracketed readings.
+
+    The monotonic time is the midpoint of the two reads around ``stream.time``; its error is at
+    most half their spread. One reading preempted between its reads (a busy 2-core machine, or
+    a host API that locks its main loop for the call) can be off by many ms, and a mapping made
+    from it shifts every timestamp of the stream: the tightest of several is not.
+    """
+    best = None
+    for _ in range(max(1, tries)):
+        a = time.monotonic_ns()
+        st = stream.time
+        b = time.monotonic_ns()
+        if best is None or b - a < best[2]:
+            best = (st, (a + b) // 2, b - a)
+    return best
 
 
 def parse_latency(value: str | float) -> str | float:

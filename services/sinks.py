@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.audio import SAMPLE_RATE
-from common.devices import DeviceError, find_device
+from common.devices import DeviceError, find_device, read_stream_clock
 from services.jitter import JitterBuffer, ReadResult
 from services.recorder import SinkError, WavRecorder
 from services.resample import PASSBAND, StreamResampler, supported
@@ -238,12 +238,10 @@ class DeviceSink:
         A reading bracketed tightly (no preemption between the two clock reads) replaces the
         mapping; a loose one only if the mapping is old, so the two clocks' drift is followed.
         """
-        a = time.monotonic_ns()
-        st = self.stream.time
-        b = time.monotonic_ns()
-        if b - a <= 2 * self.clock_spread_ns or now_ns - self.clock_synced_ns > 10_000_000_000:
-            self.clock_offset_ns = (a + b) / 2 - st * 1e9
-            self.clock_spread_ns = max(b - a, 1_000)
+        st, mono_ns, spread = read_stream_clock(self.stream, tries=3)
+        if spread <= 2 * self.clock_spread_ns or now_ns - self.clock_synced_ns > 10_000_000_000:
+            self.clock_offset_ns = mono_ns - st * 1e9
+            self.clock_spread_ns = max(spread, 1_000)
             self.clock_synced_ns = now_ns
 
     # ------------------------------------------------------------------ audio thread

@@ -22,7 +22,7 @@ import numpy as np
 import soxr
 
 from common.audio import SAMPLE_RATE, read_audio
-from common.devices import DeviceError, find_device
+from common.devices import DeviceError, find_device, read_stream_clock
 
 from .resample import StreamResampler, supported
 
@@ -337,13 +337,12 @@ class DeviceStream:
         except Exception as exc:  # noqa: BLE001 - as above
             self.stream.close()
             raise SourceError(f"cannot start input device {index} {self.name!r}: {_one_line(exc)}") from None
-        # Both clocks sampled together; the midpoint of two monotonic reads halves the error.
-        before = time.monotonic_ns()
+        # Both clocks sampled together (the tightest of several readings).
         try:
-            stream_time = self.stream.time
+            stream_time, mono_ns, _ = read_stream_clock(self.stream)
         except Exception:  # noqa: BLE001 - no stream clock: blocks are timed by their callbacks
-            stream_time = 0.0
-        self.input.sync(stream_time, (before + time.monotonic_ns()) // 2)
+            stream_time, mono_ns = 0.0, time.monotonic_ns()
+        self.input.sync(stream_time, mono_ns)
         self._thread.start()  # after sync: no block is stamped before the clocks are tied
 
     @property
