@@ -287,15 +287,6 @@ class Bus:
         ep = self.cfg.endpoint("control")
         return ControlClient(self._socket(zmq.REQ, ep, zmq.SNDHWM, CONTROL_HWM, connect_only=True), ep.connect)
 
-    def control_is_local(self) -> bool:
-        """Whether the ``control`` endpoint cannot be reached from another host: ``ipc://``,
-        ``inproc://``, or ``tcp://`` bound to a loopback address."""
-        ep = self.cfg.endpoint("control")
-        if not ep.is_tcp:
-            return True
-        host = ep.bind.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
-        return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
-
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Close every socket (LINGER applies), stop the authenticator, end an own context."""

@@ -45,6 +45,7 @@ __all__ = [
     "REQUIRED_ENDPOINTS",
     "PipelineConfigError",
     "Endpoint",
+    "is_loopback",
     "BusOptions",
     "SecurityOptions",
     "PipelineConfig",
@@ -126,6 +127,25 @@ class Endpoint:
     def is_tcp(self) -> bool:
         """Whether this is a ``tcp://`` link, the only kind that CURVE security applies to."""
         return self.connect.startswith("tcp://")
+
+    @property
+    def is_local(self) -> bool:
+        """Whether no other host can reach it: ``ipc://``, ``inproc://``, or ``tcp://`` bound to
+        a loopback address."""
+        if not self.is_tcp:
+            return True
+        return is_loopback(self.bind.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]"))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (``localhost``, 127.0.0.0/8, ::1);
+    a name other than ``localhost`` may resolve to any interface, so it is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _c_int(low: int, why_low: str = "") -> Check:

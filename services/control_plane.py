@@ -45,8 +45,8 @@ class ControlPlane:
         sec = service.cfg.security
         keys = bus.curve_keys
         names = authorized_names(keys) if keys is not None else {}
-        self.access = Access(bus.control_is_local(), keys is not None and service.cfg.endpoint("control").is_tcp,
-                             names, sec.controller_names)
+        endpoint = service.cfg.endpoint("control")
+        self.access = Access(endpoint.is_local, keys is not None and endpoint.is_tcp, names, sec.controller_names)
         missing = [n for n in sec.controller_names if n not in names.values()]
         if self.access.curve and missing:
             service.log("warning", "security.controllers names keys that are not authorized: nobody by that "

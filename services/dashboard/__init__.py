@@ -23,7 +23,6 @@ bus's context, never touched by the loop thread).
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import secrets
 import socket
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from common.config import PipelineConfigError
+from common.config import PipelineConfigError, is_loopback
 from common.settings import at_least, setting
 from common.tap import topics_for
 from services.base import Service, add_service_arguments, service_main
@@ -62,16 +61,6 @@ def _bind_problem(value: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only (``localhost``, 127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to any interface
 
 
 @dataclass(frozen=True)

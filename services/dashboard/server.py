@@ -37,6 +37,7 @@ from pathlib import Path
 
 import zmq
 
+from common.config import is_loopback
 from common.control import ControlClient, ControlError, ControlReply, ControlRequest, request_from_map
 
 __all__ = ["STATIC", "Hub", "FullState", "DashboardServer", "ControlLink", "authorized", "post_refusal",
@@ -232,14 +233,8 @@ def _host_name(host: str) -> str:
 
 
 def _loopback_name(name: str) -> bool:
-    import ipaddress
-
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    # Browsers map every *.localhost to loopback themselves (RFC 6761), whatever DNS says.
+    return is_loopback(name) or name.endswith(".localhost")
 
 
 def post_refusal(headers, token: str) -> str | None:
