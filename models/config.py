@@ -270,8 +270,12 @@ def resolve_model_files(checkpoint: str | Path | None, config: str | Path | None
     beside = path.with_suffix(".json")
     if beside.is_file():
         return ModelFiles(path, beside, demo=False)
+    return ModelFiles(path, DEMO_CONFIG if is_demo_checkpoint(path) else DEFAULT_CONFIG_PATH, demo=False)
+
+
+def is_demo_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is the embedded demo voice's checkpoint (by its resolved location)."""
     try:
-        is_demo = path.resolve() == DEMO_CHECKPOINT.resolve()
+        return Path(path).resolve() == DEMO_CHECKPOINT.resolve()
     except OSError:
-        is_demo = False
-    return ModelFiles(path, DEMO_CONFIG if is_demo else DEFAULT_CONFIG_PATH, demo=False)
+        return False

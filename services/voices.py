@@ -23,7 +23,7 @@ import numpy as np
 
 from common.protocol import MAX_NAME_LEN
 from models.backends import NO_EXPORT_ENV, export_possible, resolve_backend
-from models.config import DEMO_CHECKPOINT
+from models.config import DEMO_CHECKPOINT, is_demo_checkpoint
 from models.spec import ModelSpec
 
 WARMUP_STEPS = 5
@@ -127,16 +127,9 @@ def list_voices(folder: Path) -> list[dict[str, str]]:
     except OSError:
         paths = []
     out = [{"name": p.stem, "checkpoint": str(p)} for p in paths]
-    if not any(_is_demo(p) for p in paths):
+    if not any(is_demo_checkpoint(p) for p in paths):
         out.append({"name": DEMO_CHECKPOINT.stem, "checkpoint": str(DEMO_CHECKPOINT)})
     return out
-
-
-def _is_demo(path: Path) -> bool:
-    try:
-        return path.resolve() == DEMO_CHECKPOINT.resolve()
-    except OSError:
-        return False
 
 
 def resolve_voice(folder: Path, checkpoint: str, local: bool) -> Path:
@@ -148,7 +141,7 @@ def resolve_voice(folder: Path, checkpoint: str, local: bool) -> Path:
         path = folder / (checkpoint if path.suffix == ".pth" else f"{checkpoint}.pth")
         if not path.exists() and path.name == DEMO_CHECKPOINT.name:
             path = DEMO_CHECKPOINT  # the embedded voice is always there to go back to
-    if not local and not _is_demo(path):
+    if not local and not is_demo_checkpoint(path):
         try:
             inside = path.resolve().parent == folder.resolve()
         except OSError:
