@@ -56,9 +56,6 @@ class ControlPlane:
         self.last_switch: dict[str, Any] | None = None   # the outcome of the latest voice switch
         self._taken: tuple[str, float] = ("", 0.0)         # who asked for the voice ready_voice gave, load ms
 
-    def close(self) -> None:
-        """Nothing to release beyond the bus's sockets; a load in flight is abandoned."""
-
     # ------------------------------------------------------------------ requests
     def serve(self) -> None:
         """Answer the requests waiting (at most :data:`REQUESTS_PER_TURN`), then collect a

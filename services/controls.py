@@ -176,12 +176,18 @@ class AudioPath:
             x = self.agc.process(x)
         return x
 
-    def finish(self, model_out: np.ndarray, raw: np.ndarray) -> np.ndarray:
-        """Output gain on the model's output, then bypass: ``raw`` exactly when it is on."""
+    @property
+    def plays_raw(self) -> bool:
+        """Whether :meth:`finish` needs the raw input (bypass on, or crossfading either way)."""
+        return self.settings.bypass or self._bypass_fade is not None
+
+    def finish(self, model_out: np.ndarray, raw: np.ndarray | None) -> np.ndarray:
+        """Output gain on the model's output, then bypass: ``raw`` (a new array of its own,
+        needed only when :attr:`plays_raw`) exactly when it is on."""
         y = model_out if self.output_gain.neutral else self.output_gain.process(model_out)
         done = self._bypass_fade
         if done is None:
-            return raw.copy() if self.settings.bypass else y
+            return raw if self.settings.bypass else y
         old, new = (y, raw) if self.settings.bypass else (raw, y)
         out = crossfade(old, new, -done, self.fade)
         done += len(y)

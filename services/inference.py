@@ -265,8 +265,6 @@ class InferenceService(Service):
         self.model_id, self.trained, self.device = voice.model_id, voice.trained, voice.device
 
     def teardown(self) -> None:
-        if getattr(self, "control", None) is not None:
-            self.control.close()
         self.close_bus()
         self.receiver = self.sender = None
 
@@ -461,18 +459,18 @@ class InferenceService(Service):
         """Convert the segment's next ``chunk_len`` samples and send them."""
         seg = self._seg
         C, H = self.engine.chunk_len, self.engine.head_len
+        offset = self.next_offset()
         x, seg.buf = seg.buf[:C], seg.buf[C:]
-        offset = seg.origin + seg.steps * C
         seg.steps += 1
         t0 = time.perf_counter_ns()
-        # Output [offset, offset + C) is the model's answer to input [offset + H, offset + H + C);
-        # bypass plays input [offset, offset + C) itself: the same timeline.
-        raw = np.concatenate([seg.raw_tail, x])
         shaped = self.path.shape_input(x)
-        model_in = np.concatenate([seg.model_tail, shaped])
-        seg.raw_tail, seg.model_tail = raw[-H:] if H else raw[:0], model_in[-H:] if H else model_in[:0]
-        y = self._convert(shaped, model_in[:H], offset)
-        y = self.path.finish(y, raw[:C])
+        head, raw_before = seg.model_tail, seg.raw_tail
+        seg.raw_tail, seg.model_tail = x[C - H:], shaped[C - H:]
+        y = self._convert(shaped, head, offset)
+        # Output [offset, offset + C) is the model's answer to input [offset + H, offset + H + C);
+        # bypass plays input [offset, offset + C) itself (the same timeline), built only when played.
+        raw = np.concatenate([raw_before, x[:C - H]]) if self.path.plays_raw else None
+        y = self.path.finish(y, raw)
         if self._slow_step:
             self._slow_down()
         proc_ns = time.perf_counter_ns() - t0

@@ -193,8 +193,7 @@ class VoiceLoader:
             try:
                 result = (load(spec, checkpoint), None)
             except Exception as exc:  # any failure is reported as one line; the current voice stays
-                result = (None, " ".join(f"{type(exc).__name__}: {exc}".split()) if not str(exc)
-                          else " ".join(str(exc).split()))
+                result = (None, " ".join((str(exc) or type(exc).__name__).split()))
             self._result = result
 
         self._thread = threading.Thread(target=work, name="voice-loader", daemon=True)
