@@ -80,15 +80,18 @@ def test_bypass_output_gain_and_voice_switches_while_it_runs(tmp_path):
     shutil.copy(REPO / "models" / "demo_voice.pth", voices / "demo.pth")
     shutil.copy(REPO / "config" / "demo_voice.json", voices / "demo.json")
     (voices / "broken.pth").write_bytes(b"this is not a checkpoint")
-    sets = private_sets(*SLACK, f'inference.voices_dir="{voices}"')
+    # More playout slack than the other runs: an eager voice load beside the pipeline held this
+    # 2-core machine's audio loop back by up to ~150 ms (scripts/bench_voice_switch.py), and a
+    # chunk lost to it would break the sample-exact comparison below.
+    sets = private_sets(*SLACK, "playback.target_ms=500", f'inference.voices_dir="{voices}"')
     args = ["--source", f"file:{source}", "--sink", f"file:{out}", "-p", str(voices / "ref.pth"),
             "--until-eof", "--no-dashboard"]
     with RunningPipeline(tmp_path / "run", args, sets) as p:
         wait_played(p, 0.5)
         listed = ctl(sets, "voices")
         assert listed.returncode == 0 and "broken" in listed.stdout and "demo" in listed.stdout, listed
-        steps = [(0.8, ["bypass", "on"]), (1.6, ["bypass", "off"]), (2.4, ["set", f"output_gain_db={SIX_DB}"]),
-                 (3.2, ["set", "output_gain_db=0"])]
+        steps = [(0.6, ["bypass", "on"]), (1.2, ["bypass", "off"]), (1.8, ["set", f"output_gain_db={SIX_DB}"]),
+                 (2.4, ["set", "output_gain_db=0"])]
         for at, cmd in steps:
             wait_played(p, at)
             done = ctl(sets, *cmd)
@@ -99,7 +102,7 @@ def test_bypass_output_gain_and_voice_switches_while_it_runs(tmp_path):
         assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "broken.pth" in bad.stderr
         status = ctl(sets, "status", "--json")
         assert status.returncode == 0 and '"voice": "' + str(voices / "ref.pth") in status.stdout, status
-        wait_played(p, 4.2)
+        wait_played(p, 3.2)
         t_ask = time.monotonic_ns()
         switch = ctl(sets, "voice", "-p", "demo")
         print(switch.stdout.strip())
