@@ -33,6 +33,7 @@ from common.telemetry import Event, Heartbeat, PlaybackChunk, Record
 REPO = Path(__file__).resolve().parents[2]
 LLVC = Path(sys.executable).parent / "llvc"
 SUPERVISORCTL = Path(sys.executable).parent / "supervisorctl"
+DRAIN_WAIT_MS = 200  # at the observer's stop: how long to wait for one more queued record
 
 @dataclass(frozen=True)
 class Played:
@@ -74,9 +75,10 @@ class Observer:
             self.ready.set()
             while not self.stopping:
                 self._keep(sub.recv(timeout_ms=50))
-            # What arrived before the stop but is still queued counts too (the services' final
-            # heartbeats, sent as ``llvc run`` ends, are among it).
-            while self._keep(sub.recv(timeout_ms=0)):
+            # What was sent before the stop counts too (the services' final heartbeats, sent as
+            # ``llvc run`` ends, are among it): with no wait, a final heartbeat still in ZeroMQ's
+            # I/O thread was missed in a CI run, so wait a little for each straggler.
+            while self._keep(sub.recv(timeout_ms=DRAIN_WAIT_MS)):
                 pass
 
     def _keep(self, msg: Record | None) -> bool:
