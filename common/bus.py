@@ -8,8 +8,11 @@ Audio path (PUSH/PULL). Inference is the stable server: it binds ``audio_in`` (P
 
 * small send/receive high-water marks: a stalled peer costs dropped chunks, never a growing
   backlog of stale audio;
-* ``IMMEDIATE`` on connecting sockets: nothing queues for a peer that is not there (while
-  inference restarts, capture counts drops instead of building a backlog);
+* ``IMMEDIATE`` on connecting sockets that send: nothing queues for a peer that is not there
+  (while inference restarts, capture counts drops instead of building a backlog). Never on a
+  SUB: there libzmq discards what a publisher sent but the subscriber has not read yet the
+  moment that publisher disconnects, so a busy monitor lost the final heartbeat of a service
+  that had just stopped (about every other run);
 * ``LINGER 0``: closing never waits for unsent audio (telemetry PUBs linger briefly,
   ``bus.telemetry_linger_ms``, so a service's final heartbeat reaches every subscriber);
 * ZMTP heartbeats: a dead TCP peer is noticed in seconds, not at the next TCP timeout;
@@ -215,7 +218,7 @@ class Bus:
         sock.setsockopt(zmq.HEARTBEAT_TTL, bus.heartbeat_timeout_ms)
         sock.setsockopt(zmq.RECONNECT_IVL, bus.reconnect_ivl_ms)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, bus.reconnect_ivl_max_ms)
-        if not is_bind:
+        if not is_bind and kind != zmq.SUB:
             sock.setsockopt(zmq.IMMEDIATE, 1)
         if self._keys is not None and endpoint.is_tcp:
             if is_bind:

@@ -244,11 +244,14 @@ class Service:
             self.bus = None
             self.telemetry = None
 
-    def heartbeat(self) -> None:
-        """Publish a :class:`~common.telemetry.Heartbeat`: readiness, counters and :meth:`status`."""
+    def heartbeat(self) -> dict[str, int]:
+        """Publish a :class:`~common.telemetry.Heartbeat`: readiness, counters and :meth:`status`;
+        returns the counters it carries."""
+        counters = dict(self.refresh_counters())
         if self.telemetry is not None:
             self.telemetry.publish(Heartbeat(self.ready, round(time.monotonic() - self.started, 3),
-                                             dict(self.refresh_counters()), self.status()))
+                                             counters, self.status()))
+        return counters
 
     def request_stop(self, *_: Any) -> None:
         """Signal handler: only sets a flag; the loop notices it within ~100 ms."""
@@ -327,7 +330,11 @@ def run_service(service: Service) -> int:
         service.flush_reports(float("inf"))  # what was held back is said before the last heartbeat
     except Exception as exc:  # noqa: BLE001 - stopping anyway: say so and go on
         service.log("error", f"cannot report on stopping: {exc!r}")
-    service.heartbeat()
+    final = service.heartbeat()
+    # What the final heartbeat carried, in the log too: a subscriber that missed that heartbeat
+    # (or was not there) still learns what this process counted in all.
+    service.log("info", "final counters", pid=os.getpid(),
+                counters=",".join(f"{k}:{v}" for k, v in sorted(final.items())))
     service.teardown()
     service.log("info", "stopped")
     _record_exit(service.name, status, error)

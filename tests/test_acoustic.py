@@ -113,6 +113,7 @@ def test_passthrough_is_heard_as_played_and_the_monitor_e2e_is_the_acoustic_late
     acoustic = m.median_ms
     # The monitor's figure for the same audio: chunks captured while the bursts went in.
     monitor = monitor_e2e_ms(played, min(m.times_ns), max(m.times_ns))
+    print(f"\ne2e median: monitor {monitor:.2f} ms, acoustic {acoustic:.2f} ms (bursts {len(m.latencies_ms)})")
     assert abs(monitor - acoustic) <= AGREE_MS, (monitor, acoustic, m.latencies_ms)
 
     # The speech clip, aligned by the measured latency, comes out as it went in.

@@ -169,6 +169,32 @@ def test_telemetry_taps_attach_and_detach_freely():
         assert pub.dropped == 0
 
 
+@pytest.mark.parametrize("scheme", ["tcp", "ipc"])
+def test_what_a_stopped_publisher_sent_last_is_still_read_after_it_is_gone(scheme):
+    """A service's final heartbeat goes out as it stops; a busy subscriber (the monitor, niced)
+    reads it only after the publisher has closed. With IMMEDIATE on the SUB, libzmq dropped
+    the unread messages of a publisher the moment it disconnected (every other run's report
+    undercounted)."""
+    cfg = make_config(scheme)
+    with Bus(cfg, "monitor") as monitor:
+        sub = monitor.subscriber(["heartbeat."])
+        with Bus(cfg, "playback") as playback:
+            pub = playback.publisher()
+            assert wait_until(lambda: pub.publish(Heartbeat(True, 0.0, {})) and sub.recv(timeout_ms=20) is not None,
+                              timeout=5)
+            while sub.recv(timeout_ms=100) is not None:  # the connection is up and nothing queued
+                pass
+            for i in range(1, 21):
+                pub.publish(Heartbeat(True, float(i), {"n": i}))
+        # The publisher's bus is closed (its linger spent, its context ended) and its connection
+        # gone; only now does the subscriber read.
+        time.sleep(0.5)
+        got = [sub.recv(timeout_ms=200) for _ in range(21)]
+    counts = [m.counters["n"] for m in got if m is not None]
+    print(f"read after the publisher left: {counts}")
+    assert counts == list(range(1, 21))
+
+
 def test_bind_conflict_is_one_clear_error():
     cfg = make_config("tcp")
     with Bus(cfg, "inference") as first:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,15 @@ def e2e_stats(played: list[Played]) -> dict[str, float | None]:
         return {"n": 0, "p50": None, "p99": None}
     e = np.array([p.e2e_ms for p in played])
     return {"n": len(e), "p50": float(np.median(e)), "p99": float(np.percentile(e, 99))}
+
+
+def final_counters(log: Path) -> dict[int, dict[str, int]]:
+    """pid → the counters each process of a service logged as it stopped (its ``final
+    counters`` line, :func:`services.base.run_service`), read from the service's log file."""
+    out: dict[int, dict[str, int]] = {}
+    for m in re.finditer(r" final counters pid=(\d+) counters=(\S*)", log.read_text(errors="replace")):
+        out[int(m[1])] = {k: int(v) for k, v in (kv.split(":") for kv in m[2].split(",") if kv)}
+    return out
 
 
 class RunningPipeline:

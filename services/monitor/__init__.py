@@ -86,6 +86,10 @@ RECEIVE_WAIT_MS = 50         # wait this long for the first record of a turn
 RECEIVE_BUDGET_S = 0.05      # then take what is waiting for at most this long
 #: The snapshot other threads read is at most this old (plus one loop turn).
 SNAPSHOT_INTERVAL_S = 0.2
+#: At teardown: take in records until none has come for this long (or see ``_drain``) ...
+DRAIN_QUIET_MS = 100
+#: ... for at most this long in all (supervisord's stopwaitsecs for the monitor is 5 s).
+DRAIN_LIMIT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -145,18 +149,13 @@ class MonitorService(Service):
         self.ready = True
 
     def teardown(self) -> None:
-        """Take in what already arrived, write a fresh report (if set and the monitor ran), stop
-        /metrics, close the bus."""
+        """Take in what was sent before the stop (:meth:`_drain`), write a fresh report (if set
+        and the monitor ran), stop /metrics, close the bus."""
         if self._sub is not None:
-            # Stopped last (llvc run's order), the monitor still holds the others' final
-            # heartbeats in its queue: they belong in the report.
-            now = time.monotonic()
-            for record in self._receive(0, RECEIVE_BUDGET_S * 4):
-                if (record.service, record.host, record.pid) != self._me:
-                    try:
-                        self._handle(record, now)
-                    except Exception:  # noqa: BLE001 - a bug shows in the loop's counters; write the report
-                        self.count("handle_errors")
+            # Stopped last (llvc run's order), the monitor still has the others' final heartbeats
+            # to take in, and on a busy machine (it runs at nice 10) possibly seconds of telemetry
+            # before them: all of it belongs in the report, not only what a fixed budget allows.
+            self._drain(time.time_ns())
             self._take_snapshot(time.monotonic())
             if self.settings.report:
                 write_report(Path(self.settings.report), self.snapshot.report, self.log)
@@ -165,6 +164,26 @@ class MonitorService(Service):
             self._http = None
         self._sub = None
         self.close_bus()
+
+    def _drain(self, stop_wall_ns: int) -> None:
+        """Take in every record sent before ``stop_wall_ns``: until nothing has come for
+        :data:`DRAIN_QUIET_MS` (the rest of the pipeline has stopped), or, when something still
+        publishes (the monitor stopped alone), until a record it sent after the stop has come
+        and the queue is empty; at most :data:`DRAIN_LIMIT_S`."""
+        end = time.monotonic() + DRAIN_LIMIT_S
+        caught_up = False
+        while time.monotonic() < end:
+            batch = self._receive(0 if caught_up else DRAIN_QUIET_MS, RECEIVE_BUDGET_S)
+            if not batch:
+                return
+            now = time.monotonic()
+            for record in batch:
+                caught_up = caught_up or (record.origin is not None and record.origin.t_wall_ns >= stop_wall_ns)
+                if (record.service, record.host, record.pid) != self._me:
+                    try:
+                        self._handle(record, now)
+                    except Exception:  # noqa: BLE001 - a bug shows in the counters; write the report
+                        self.count("handle_errors")
 
     # ------------------------------------------------------------------ loop
     def loop_once(self) -> None:
