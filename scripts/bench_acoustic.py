@@ -13,6 +13,8 @@ the first run shows to be the acoustic truth, and its underruns.
     .venv/bin/python scripts/bench_acoustic.py                  # cf 1, 2, 4; 30 bursts
     .venv/bin/python scripts/bench_acoustic.py --bursts 20 --factors 1
     .venv/bin/python scripts/bench_acoustic.py -- --set playback.target_ms=4   # more llvc run arguments
+    .venv/bin/python scripts/bench_acoustic.py --virtual-mic    # output into the virtual microphone,
+                                                                # recorded from it (llvc_voice)
 """
 from __future__ import annotations
 
@@ -33,18 +35,25 @@ from services.lab.pulse import PulseServer
 REPO = Path(__file__).resolve().parent.parent
 
 
-def one_setting(srv, factor: int, bursts: int, model_args: list[str], extra: list[str], work: Path) -> dict:
+def one_setting(srv, factor: int, bursts: int, model_args: list[str], extra: list[str], work: Path,
+                virtual_mic: bool = False) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     rec_a = Recorder("llvc_in.monitor", work / "a.npz", srv.env)
-    rec_b = Recorder("llvc_out.monitor", work / "b.npz", srv.env)
     rec_a.wait_ready()
-    rec_b.wait_ready()
+    rec_b = None
+    if not virtual_mic:
+        rec_b = Recorder("llvc_out.monitor", work / "b.npz", srv.env)
+        rec_b.wait_ready()
     sets = private_sets()
     env = {**srv.env, "PULSE_SOURCE": "llvc_in.monitor", "PULSE_SINK": "llvc_out"}
+    sink = "virtual-mic" if virtual_mic else "device:"
     try:
-        with RunningPipeline(work / "run", ["--source", "device:", "--sink", "device:", "-n", str(factor),
+        with RunningPipeline(work / "run", ["--source", "device:", "--sink", sink, "-n", str(factor),
                                             *model_args, *extra], sets, env=env) as p:
             p.wait_streaming(3.0)
+            if rec_b is None:  # the microphone exists now: record it as another program would
+                rec_b = Recorder("llvc_voice", work / "b.npz", srv.env)
+                rec_b.wait_ready()
             player = play("llvc_in", burst_train(bursts), srv.env, work)
             player.wait(timeout=bursts * 0.5 + 30)
             time.sleep(0.5)
@@ -52,7 +61,10 @@ def one_setting(srv, factor: int, bursts: int, model_args: list[str], extra: lis
             counters = p.observer.counters("playback")
             report = p.stop()
     finally:
-        a, b = rec_a.stop(), rec_b.stop()
+        a = rec_a.stop()
+        b = rec_b.stop() if rec_b is not None else None
+    if b is None:
+        return {"chunk_factor": factor, "error": "the pipeline did not start"}
     m = measure(a, b)
     base = {"chunk_factor": factor, "underruns": counters.get("underruns"),
             "dropped_late": counters.get("dropped_late"), "report_e2e": (report or {}).get("e2e_latency_ms"),
@@ -76,6 +88,7 @@ def main() -> int:
     ap.add_argument("--factors", default="1,2,4")
     ap.add_argument("--bursts", type=int, default=30, help="probe bursts per setting (0.5 s apart)")
     ap.add_argument("--passthrough", action="store_true", help="only the passthrough runs (no LLVC model run)")
+    ap.add_argument("--virtual-mic", action="store_true", help="play into --sink virtual-mic and record llvc_voice")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("extra", nargs="*", help="more llvc run arguments after --")
     args = ap.parse_args()
@@ -87,16 +100,19 @@ def main() -> int:
         srv = PulseServer.start(Path(tmp) / "pulse", sinks=("llvc_in", "llvc_out"))
         try:
             for f in (int(v) for v in args.factors.split(",")):
-                rows.append(one_setting(srv, f, args.bursts, ["--passthrough"], args.extra, Path(tmp) / f"cf{f}"))
+                rows.append(one_setting(srv, f, args.bursts, ["--passthrough"], args.extra, Path(tmp) / f"cf{f}",
+                                        args.virtual_mic))
                 if not args.passthrough:
-                    rows[-1]["llvc"] = one_setting(srv, f, 4, [], args.extra, Path(tmp) / f"cf{f}-llvc")
+                    rows[-1]["llvc"] = one_setting(srv, f, 4, [], args.extra, Path(tmp) / f"cf{f}-llvc",
+                                                   args.virtual_mic)
                     rows[-1]["llvc"].pop("error", None)
         finally:
             srv.stop()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"acoustic e2e through PulseAudio null sinks (passthrough model), {args.bursts} bursts per setting")
+    into = "the virtual microphone llvc_voice" if args.virtual_mic else "null sinks"
+    print(f"acoustic e2e through PulseAudio {into} (passthrough model), {args.bursts} bursts per setting")
     print(f"{'cf':>3} {'bursts':>6} {'acoustic p50':>13} {'p95':>7} {'monitor p50':>12} {'diff':>6} "
           f"{'underruns':>9} {'late':>5} {'corr':>6} | LLVC: {'monitor p50':>11} {'p99':>6} {'inf p50':>7} "
           f"{'underruns':>9}")

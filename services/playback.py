@@ -4,9 +4,10 @@ The service connects a PULL to ``audio_out``, puts every chunk into a
 :class:`~services.jitter.JitterBuffer` keyed by stream offset, and lets the sink take audio out
 of it on the sink's own clock (see ``services/__init__.py`` for the contract).
 
-Outputs: the sink (``null``, ``file:PATH`` or ``device:NAME-or-INDEX``,
+Outputs: the sink (``null``, ``file:PATH``, ``device:NAME-or-INDEX`` or ``virtual-mic[:NAME]``,
 :mod:`services.sinks`) owns the clock; ``record`` adds a WAV recording beside any sink
-(:mod:`services.recorder`, which also says what happens on a failing disk and on restarts).
+(:mod:`services.recorder`, which also says what happens on a failing disk and on restarts);
+``monitor`` plays the same audio on a second device too (:class:`services.sinks.MonitorOutput`).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from common.telemetry import AudioHeader, Drained, PlaybackChunk, PlaybackStatus
 from services.base import Service, add_service_arguments, service_main
 from services.jitter import JitterBuffer, ReadResult
 from services.recorder import WavRecorder, make_recorders
-from services.sinks import make_sink
+from services.sinks import make_monitor, make_sink
+from services.virtual_mic import spec_problem as virtual_mic_problem
 
 NS_PER_SAMPLE = 1_000_000_000 / SAMPLE_RATE
 SLICE_NS = 50_000_000          # one loop_once: at most this long, so SIGTERM is noticed quickly
@@ -41,7 +43,13 @@ def _sink_problem(v: str) -> str | None:
     kind, sep, rest = v.partition(":")
     if v == "null" or (kind == "device" and sep) or (kind == "file" and rest):
         return None
-    return "must be null, file:PATH or device:NAME-or-INDEX"
+    if kind == "virtual-mic":
+        return virtual_mic_problem(v)
+    return "must be null, file:PATH, device:NAME-or-INDEX or virtual-mic[:NAME]"
+
+
+def _monitor_problem(v: str) -> str | None:
+    return None if not v or (v.startswith("device:") and v[7:].strip()) else "must be empty or device:NAME-or-INDEX"
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class PlaybackSettings:
     block_ms: float = setting(2.0, lambda v: positive(v) or (None if v <= 1000 else "must be <= 1000"))
     fade_ms: float = setting(2.0, non_negative)
     device_latency: str | float = setting("low", latency_problem)
+    monitor: str = setting("", _monitor_problem)
 
     def problems(self):
         """Checks across keys."""
@@ -67,7 +76,7 @@ class PlaybackSettings:
 
 def playback_settings(cfg, args: argparse.Namespace | None = None) -> PlaybackSettings:
     """The validated ``[playback]`` table, with ``--sink`` / ``--record`` / ``--target-ms`` applied."""
-    flags = {k: getattr(args, k, None) for k in ("sink", "record", "target_ms")}
+    flags = {k: getattr(args, k, None) for k in ("sink", "record", "target_ms", "monitor")}
     return cfg.settings("playback", PlaybackSettings, flags)
 
 
@@ -91,6 +100,7 @@ class PlaybackService(Service):
     def __init__(self, cfg, args=None):
         super().__init__(cfg, args)
         self.sink = None
+        self.monitor_out = None  # the second device, if any
         self.meter = None  # what the sink plays, for sound.playback frames
         self.recorders: list[WavRecorder] = []
         self.sink_started = False
@@ -105,17 +115,24 @@ class PlaybackService(Service):
         self.jb = JitterBuffer(s.target_ms, s.max_ms, s.fade_ms)
         self.sink = make_sink(s, self.log)
         self.sink.open()  # first: a sink that cannot open is a one-line exit 2, before any socket
+        self.monitor_out = make_monitor(s, self.log)
+        if self.monitor_out is not None:
+            self.monitor_out.open()
         self.recorders = make_recorders(s, self.log, self.publish)
         for r in self.recorders:
             r.open()
         self.meter = self.level_meter()
-        # The sink hands every block it plays to its recorders; the meter takes a copy too.
-        self.sink.recorders = self.recorders + ([_MeterTap(self.meter)] if self.meter else [])
+        # The sink hands every block it plays to its recorders; the meter and the monitor output
+        # take it too.
+        self.sink.recorders = self.recorders + ([_MeterTap(self.meter)] if self.meter else []) + \
+            ([self.monitor_out] if self.monitor_out is not None else [])
         self.receiver = self.open_bus().audio_receiver("audio_out")
         self.watch_rejects(self.receiver)
         for source in (lambda: vars(self.jb.stats), self.sink.counters, *(r.counters for r in self.recorders),
                        lambda: {"redials": self.redials, "received": self.receiver.received}):
             self.mirror(source)
+        if self.monitor_out is not None:
+            self.mirror(self.monitor_out.counters)
         address = self.cfg.endpoint("audio_out").connect
         if address.startswith("inproc://"):
             self.connected = True  # inproc has no connection events; connecting is immediate
@@ -128,8 +145,11 @@ class PlaybackService(Service):
             # brand-new connection are dropped, once, at startup.
             sock.disconnect(address)
             sock.connect(address)
-        self.log("info", "sink open", sink=s.sink, target_ms=s.target_ms, max_ms=s.max_ms,
-                 **self.sink.describe(), **{k: v for r in self.recorders for k, v in r.describe().items()})
+        monitor = self.monitor_out.describe() if self.monitor_out is not None else {}
+        self.log("info", "sink open", sink=s.sink, target_ms=s.target_ms, max_ms=s.max_ms, **self.sink.describe(),
+                 **monitor, **{k: v for r in self.recorders for k, v in r.describe().items()})
+        if self.monitor_out is not None:
+            self.monitor_out.start(time.monotonic_ns())
         self.sink.start(time.monotonic_ns())  # last: the first tick is due now, not a setup ago
         self.sink_started = True
 
@@ -237,15 +257,19 @@ class PlaybackService(Service):
             r.close()
         if self.sink is not None:
             self.sink.close()
+        if self.monitor_out is not None:
+            self.monitor_out.close()
         self.close_bus()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``llvc playback`` flags: the pipeline config, and shortcuts for three ``[playback]`` keys."""
+    """``llvc playback`` flags: the pipeline config, and shortcuts for four ``[playback]`` keys."""
     add_service_arguments(p)
     g = p.add_argument_group("playback")
     g.add_argument("--sink", metavar="SPEC", default=None,
-                   help="null | file:PATH | device:NAME-or-INDEX (playback.sink)")
+                   help="null | file:PATH | device:NAME-or-INDEX | virtual-mic[:NAME] (playback.sink)")
+    g.add_argument("--monitor", metavar="SPEC", default=None,
+                   help="device:NAME-or-INDEX: also play to this device, e.g. headphones (playback.monitor)")
     g.add_argument("--record", metavar="PATH", default=None,
                    help="also write what the sink plays to this WAV file (playback.record)")
     g.add_argument("--target-ms", type=float, default=None, metavar="MS",

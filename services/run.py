@@ -32,6 +32,7 @@ from common.files import write_atomic
 from common.telemetry import Drained, Status
 from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP
 from services.base import SETUP_FAILED, read_exit_record
+from services.virtual_mic import OWNER_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = REPO / "supervisord.conf"
@@ -48,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register ``llvc run``'s flags on ``p``."""
     add_config_arguments(p)
     p.add_argument("--source", help="file:PATH | device:NAME | tone | clicks | silence (capture.source)")
-    p.add_argument("--sink", help="file:PATH | device:NAME | null (playback.sink)")
+    p.add_argument("--sink", help="file:PATH | device:NAME | virtual-mic[:NAME] | null (playback.sink)")
+    p.add_argument("--monitor", metavar="SPEC", help="device:NAME: also play the converted voice to this device, "
+                   "e.g. headphones (playback.monitor)")
     p.add_argument("--record", metavar="PATH", help="also write what is played to this WAV, beside any sink "
                    "(playback.record)")
     p.add_argument("-p", "--checkpoint", help=f"LLVC checkpoint (model.checkpoint); {CHECKPOINT_DEFAULT_HELP}")
@@ -76,6 +79,7 @@ def build_environment(args: argparse.Namespace, run_dir: Path) -> dict[str, str]
     """The environment the services get: settings as ``LLVC__`` overrides, plus the run folder."""
     env = dict(os.environ)
     env["LLVC_RUN_DIR"] = str(run_dir)
+    env[OWNER_ENV] = "llvc run"  # a playback restarted within the run keeps its virtual microphone
     config_file = args.pipeline_config or os.environ.get("LLVC_PIPELINE_CONFIG")
     if config_file:
         env["LLVC_PIPELINE_CONFIG"] = str(Path(config_file).resolve())
@@ -92,6 +96,8 @@ def build_environment(args: argparse.Namespace, run_dir: Path) -> dict[str, str]
         settings["playback.sink"] = _abs_path_spec(args.sink)
     if args.record:
         settings["playback.record"] = str(Path(args.record).expanduser().resolve())
+    if args.monitor:
+        settings["playback.monitor"] = args.monitor
     if args.checkpoint:
         settings["model.checkpoint"] = str(Path(args.checkpoint).resolve())
     if args.model_config:
@@ -104,6 +110,24 @@ def build_environment(args: argparse.Namespace, run_dir: Path) -> dict[str, str]
     for key, value in settings.items():
         env[env_name(key)] = json.dumps(value) if isinstance(value, str) and _needs_quotes(value) else str(value)
     return env
+
+
+def remove_virtual_mic(cfg) -> None:
+    """Remove the run's virtual microphone, if its playback plays into one: the run has ended
+    (its playback processes leave that to the run, :data:`services.virtual_mic.OWNER_ENV`)."""
+    from services.playback import playback_settings
+    from services.virtual_mic import VirtualMic, VirtualMicError, parse_spec
+
+    name = parse_spec(playback_settings(cfg).sink)
+    if name is None:
+        return
+    try:
+        gone = VirtualMic(name).remove()
+    except VirtualMicError as exc:
+        print(f"llvc run: warning: {exc}", file=sys.stderr, flush=True)
+        return
+    if gone:
+        print(f"llvc run: virtual microphone {name} removed", flush=True)
 
 
 def _needs_quotes(value: str) -> bool:
@@ -404,6 +428,8 @@ def run(args: argparse.Namespace) -> int:
             for name in reversed(START_ORDER):  # capture first, monitor last
                 sup.stop(name)
             sup.shutdown()
+        if "playback" in services:
+            remove_virtual_mic(cfg)
     report_path = run_dir / "report.json"
     if report_path.exists():
         report = json.loads(report_path.read_text())

@@ -22,6 +22,8 @@ file is written from the service loop, never from a clock callback.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -33,11 +35,14 @@ from common.devices import DeviceError, find_device, read_stream_clock
 from services.jitter import JitterBuffer, ReadResult
 from services.recorder import SinkError, WavRecorder
 from services.resample import PASSBAND, StreamResampler, supported
+from services.virtual_mic import DEFAULT_NAME, OWNER_ENV, VirtualMic, VirtualMicError, parse_spec, route_alsa_to
 
 MAX_TICKS_PER_PUMP = 50        # a late paced sink catches up at most this many blocks per pump
 RESYNC_NS = 1_000_000_000      # further behind than this (process stopped): restart the schedule
 DEVICE_POLL_NS = 1_000_000     # how often the device ring is topped up
 DEVICE_MARGIN_S = 0.003        # ring fill kept beyond one callback's worth
+MONITOR_FILL_S = 0.010         # a monitor output starts one callback and this far ahead of its device ...
+MONITOR_MAX_S = 0.060          # ... and drops a block that would take it beyond one callback + this
 #: The device path resamples 16 kHz up with :class:`services.resample.StreamResampler`: flat to
 #: 7 kHz (0.05 dB) and the images of 0-7 kHz (from 9 kHz up) 71 dB down, for its group delay of
 #: 0.81 ms at 48 kHz (0.93 ms at 44.1 kHz), which :meth:`DeviceSink.pump` counts in the output
@@ -157,6 +162,8 @@ class DeviceSink:
     one side only. Each 16 kHz block read goes to the :attr:`recorders` before resampling.
     """
 
+    setting = "playback.sink"  # what error messages name
+
     def __init__(self, spec: str, latency: str | float, log: Callable[..., None]):
         self.spec = spec
         self.device = spec.partition(":")[2].strip()
@@ -180,6 +187,7 @@ class DeviceSink:
         self.clock_offset_ns = 0.0  # monotonic ns minus PortAudio stream time in ns
         self.clock_spread_ns = math.inf
         self.clock_synced_ns = 0
+        self.extra_latency_ns = 0.0  # past the DAC time: a virtual microphone's source buffer
         self.due_ns = 0
         self.buf = np.zeros(SAMPLE_RATE // 10, np.float32)
 
@@ -188,14 +196,14 @@ class DeviceSink:
         try:
             index, _ = find_device(self.device, list(sd.query_devices()), sd.default.device[1], "output")
         except DeviceError as exc:
-            raise SinkError(f"playback.sink: {exc}") from None
+            raise SinkError(f"{self.setting}: {exc}") from None
         return index
 
     def open(self) -> None:
         try:
             import sounddevice as sd
         except OSError as exc:  # no PortAudio library at all
-            raise SinkError(f"playback.sink: PortAudio is not available ({exc})") from None
+            raise SinkError(f"{self.setting}: PortAudio is not available ({exc})") from None
         index = self._resolve(sd)
         self.rate = int(round(sd.query_devices(index)["default_samplerate"]))
         self._make_resampler()
@@ -204,7 +212,7 @@ class DeviceSink:
             self.stream = sd.OutputStream(device=index, samplerate=self.rate, channels=1, dtype="float32",
                                           latency=self.latency, callback=self._callback)
         except Exception as exc:  # noqa: BLE001 - PortAudio's errors vary by host API
-            raise SinkError(f"playback.sink: cannot open output device {index} "
+            raise SinkError(f"{self.setting}: cannot open output device {index} "
                             f"({' '.join(str(exc).split())})") from None
         self.index, self.device_name = index, sd.query_devices(index)["name"]
 
@@ -223,7 +231,7 @@ class DeviceSink:
         try:
             self.stream.start()
         except Exception as exc:  # noqa: BLE001 - PortAudio's errors vary by host API
-            raise SinkError(f"playback.sink: cannot start output device {self.index} "
+            raise SinkError(f"{self.setting}: cannot start output device {self.index} "
                             f"({' '.join(str(exc).split())})") from None
         self._sync_clock(now_ns)
 
@@ -274,7 +282,7 @@ class DeviceSink:
             return int(now_ns + latency_ns + (frame - self.taken) * 1e9 / self.rate)
         taken, dac, cb_ns = self.last_cb
         t = dac * 1e9 + self.clock_offset_ns if dac > 0 else cb_ns + latency_ns  # some APIs give 0
-        return int(t + (frame - taken) * 1e9 / self.rate)
+        return int(t + (frame - taken) * 1e9 / self.rate + self.extra_latency_ns)
 
     def pump(self, jb: JitterBuffer, now_ns: int) -> list[tuple[ReadResult, int]]:
         """Top the ring up to one callback's worth plus a margin; returns the block read."""
@@ -299,9 +307,12 @@ class DeviceSink:
         for r in self.recorders:
             r.consume(res, self.buf[:n])
         self.fed += n
-        y = self.buf[:n] if self.resampler is None else self.resampler.resample_chunk(self.buf[:n])
-        self._push(y)
+        self._push(self._resample(self.buf[:n]))
         return [(res, t_out)]
+
+    def _resample(self, block: np.ndarray) -> np.ndarray:
+        """16 kHz ``block`` at the device rate (the resampler keeps its state across blocks)."""
+        return block if self.resampler is None else self.resampler.resample_chunk(block)
 
     def _push(self, y: np.ndarray) -> None:
         cap, w = len(self.ring), self.written
@@ -328,8 +339,109 @@ class DeviceSink:
             self.stream = None
 
 
+class VirtualMicSink(DeviceSink):
+    """``virtual-mic[:NAME]``: a :class:`DeviceSink` playing into a virtual microphone
+    (:mod:`services.virtual_mic`), made as the sink opens. The source's own buffering comes
+    after the DAC time PortAudio reports, so it is added to every output time (and e2e)."""
+
+    def __init__(self, spec: str, latency: str | float, log: Callable[..., None]):
+        super().__init__(spec, latency, log)
+        self.mic_name = parse_spec(spec) or DEFAULT_NAME
+        self.mic: VirtualMic | None = None
+        self.alsa_conf = None
+
+    def open(self) -> None:
+        try:
+            self.mic = VirtualMic.ensure(self.mic_name)
+            self.alsa_conf = route_alsa_to(self.mic)
+        except VirtualMicError as exc:
+            raise SinkError(f"playback.sink: {exc}") from None
+        if "sounddevice" in sys.modules:  # PortAudio lists ALSA's devices as it starts: again
+            sd = sys.modules["sounddevice"]
+            sd._terminate()
+            sd._initialize()
+        self.device = self.mic.feed
+        try:
+            super().open()
+        except SinkError as exc:
+            raise SinkError(f"{exc} (the virtual microphone's feed needs ALSA's pulse plugin: "
+                            "libasound2-plugins)") from None
+        self.extra_latency_ns = self.mic.source_latency_ms() * 1e6
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "virtual_mic": self.mic_name,
+                "virtual_mic_latency_ms": round(self.extra_latency_ns / 1e6, 3)}
+
+    def close(self) -> None:
+        super().close()
+        if self.alsa_conf is not None:
+            self.alsa_conf.unlink(missing_ok=True)
+            self.alsa_conf = None
+        if self.mic is not None and OWNER_ENV not in os.environ:  # run alone: nobody else removes it
+            try:
+                self.log("info", "virtual microphone removed", name=self.mic.name, modules=self.mic.remove())
+            except VirtualMicError as exc:
+                self.log("warning", f"cannot remove the virtual microphone: {exc}")
+            self.mic = None
+
+
+class MonitorOutput(DeviceSink):
+    """``[playback] monitor``: what the sink plays, also on a second device (headphones, to hear
+    yourself), with its own ring, resampler and clock.
+
+    It takes the sink's 16 kHz blocks as a recorder does (:meth:`consume`) and never reads the
+    jitter buffer, so it cannot hold the sink back: a block that would overfill its ring (the
+    two devices' clocks drift apart) is dropped, a callback that finds it short plays silence;
+    both are counted, as ``monitor_*`` counters, apart from the sink's.
+    """
+
+    setting = "playback.monitor"
+
+    def __init__(self, spec: str, latency: str | float, log: Callable[..., None]):
+        super().__init__(spec, latency, log)
+        self.dropped = 0
+        self._before: tuple[int, int] | None = None  # (starved, underflows) before the first sound
+        self._starved_seen = 0
+
+    def consume(self, res: ReadResult, block: np.ndarray) -> None:
+        """One block the sink played (the recorder interface): resample it into the ring."""
+        if self._before is None:
+            if not res.stream_samples:
+                return  # nothing to hear yet (and the sink's device may not be pulling yet)
+            self._before = (self.starved, self.underflows)
+            self._starved_seen = self.starved - 1  # prime it
+        if self.starved != self._starved_seen:
+            # At the first sound, and after running dry (its clock ahead of the sink's): one
+            # callback's worth and some slack for the jitter of the blocks' arrival, as silence.
+            self._starved_seen = self.starved
+            self._push(np.zeros(max(self.frames_max, 64) + int(MONITOR_FILL_S * self.rate), np.float32))
+        y = self._resample(block)
+        if self.written - self.taken + len(y) > max(self.frames_max, 64) + int(MONITOR_MAX_S * self.rate):
+            self.dropped += 1
+            return
+        self._push(y)
+
+    def counters(self) -> dict[str, int]:
+        starved, underflows = self._before or (self.starved, self.underflows)  # not counted before it
+        return {"monitor_underflows": self.underflows - underflows, "monitor_starved": self.starved - starved,
+                "monitor_dropped": self.dropped}
+
+    def describe(self) -> dict[str, Any]:
+        return {f"monitor_{k}": v for k, v in super().describe().items()}
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
 def make_sink(settings, log: Callable[..., None]) -> Sink:
     """The sink for ``settings.sink``."""
     if settings.sink.startswith("device:"):
         return DeviceSink(settings.sink, settings.device_latency, log)
+    if parse_spec(settings.sink):
+        return VirtualMicSink(settings.sink, settings.device_latency, log)
     return PacedSink(settings.sink, settings.block_ms, log)  # null, or file: (with its recorder)
+
+
+def make_monitor(settings, log: Callable[..., None]) -> MonitorOutput | None:
+    """The monitor output for ``settings.monitor`` (``None`` if none is set)."""
+    return MonitorOutput(settings.monitor, settings.device_latency, log) if settings.monitor else None

@@ -44,8 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
-#: The system's ALSA configuration; ``ALSA_CONFIG_PATH`` must name it first when extended.
-ALSA_CONF = Path("/usr/share/alsa/alsa.conf")
+from services.virtual_mic import alsa_config_path
+
 #: ``sun_path`` holds 108 bytes; longer socket paths go to a short temporary folder.
 MAX_SOCKET_PATH = 100
 
@@ -187,10 +187,9 @@ class PulseServer:
     def env(self) -> dict[str, str]:
         """What a client process needs: ``PULSE_SERVER``, and ``ALSA_CONFIG_PATH`` for the named devices."""
         env = {"PULSE_SERVER": f"unix:{self.socket}"}
-        base = os.environ.get("ALSA_CONFIG_PATH") or (str(ALSA_CONF) if ALSA_CONF.is_file() else "")
-        if base:
-            extra = str(self.root / "asound.conf")
-            env["ALSA_CONFIG_PATH"] = base if extra in base.split(":") else f"{base}:{extra}"
+        path = alsa_config_path(self.root / "asound.conf")
+        if path is not None:  # None: no system alsa.conf to extend, so leave ALSA alone
+            env["ALSA_CONFIG_PATH"] = path
         return env
 
     def client_env(self, sink: str | None = None, source: str | None = None) -> dict[str, str]:
