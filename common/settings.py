@@ -29,7 +29,7 @@ from typing import Any, Union
 Check = Callable[[Any], "str | None"]
 
 __all__ = ["setting", "parse_table", "fields_of", "positive", "non_negative", "at_least", "one_of",
-           "kind_of", "describe_value", "SettingsError"]
+           "parsed_by", "kind_of", "describe_value", "SettingsError"]
 
 
 class SettingsError(ValueError):
@@ -64,6 +64,17 @@ def at_least(low: int) -> Check:
 def one_of(*choices: str) -> Check:
     """Check: one of ``choices``."""
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def parsed_by(parse: Callable[[Any], Any], *errors: type[Exception]) -> Check:
+    """Check: ``parse(value)`` succeeds; the message of one of its ``errors`` is the problem."""
+    def check(v: Any) -> str | None:
+        try:
+            parse(v)
+        except errors as exc:
+            return str(exc)
+        return None
+    return check
 
 
 # --------------------------------------------------------------------------- parsing

@@ -35,7 +35,7 @@ import zmq
 from common.audio import SAMPLE_RATE
 from common.devices import latency_problem, parse_latency
 from common.protocol import AudioChunk
-from common.settings import at_least, non_negative, setting
+from common.settings import at_least, non_negative, parsed_by, setting
 from common.telemetry import CaptureStatus, Counter, Eof, Heartbeat, StreamStart
 from models.geometry import StreamGeometry
 
@@ -53,19 +53,11 @@ WAIT_FOR = frozenset({"inference", "playback"})
 DEVICE_RETRY_S = 1.0
 
 
-def _source_problem(v: str) -> str | None:
-    try:
-        parse_source(v)
-    except SourceError as exc:
-        return str(exc)
-    return None
-
-
 @dataclass(frozen=True)
 class CaptureSettings:
     """The ``[capture]`` table (config/pipeline.toml says what each key means)."""
 
-    source: str = setting("tone", _source_problem)
+    source: str = setting("tone", parsed_by(parse_source, SourceError))
     loop: bool = setting(False)
     level: float = setting(0.1, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
     tone_hz: float = setting(440.0, lambda v: None if 0 < v < SAMPLE_RATE / 2 else "must be in (0, 8000)")

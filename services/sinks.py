@@ -35,7 +35,7 @@ from common.devices import DeviceError, find_device, read_stream_clock
 from services.jitter import JitterBuffer, ReadResult
 from services.recorder import SinkError, WavRecorder
 from services.resample import PASSBAND, StreamResampler, supported
-from services.virtual_mic import DEFAULT_NAME, OWNER_ENV, VirtualMic, VirtualMicError, parse_spec, route_alsa_to
+from services.virtual_mic import OWNER_ENV, VirtualMic, VirtualMicError, parse_spec, route_alsa_to
 
 MAX_TICKS_PER_PUMP = 50        # a late paced sink catches up at most this many blocks per pump
 RESYNC_NS = 1_000_000_000      # further behind than this (process stopped): restart the schedule
@@ -346,7 +346,7 @@ class VirtualMicSink(DeviceSink):
 
     def __init__(self, spec: str, latency: str | float, log: Callable[..., None]):
         super().__init__(spec, latency, log)
-        self.mic_name = parse_spec(spec) or DEFAULT_NAME
+        self.mic_name = parse_spec(spec)
         self.mic: VirtualMic | None = None
         self.alsa_conf = None
 
@@ -428,9 +428,6 @@ class MonitorOutput(DeviceSink):
 
     def describe(self) -> dict[str, Any]:
         return {f"monitor_{k}": v for k, v in super().describe().items()}
-
-    def status(self) -> dict[str, Any]:
-        return {}
 
 
 def make_sink(settings, log: Callable[..., None]) -> Sink:

@@ -29,6 +29,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.settings import parsed_by
+
 PREFIX = "virtual-mic"
 DEFAULT_NAME = "llvc_voice"
 DESCRIPTION = "LLVC voice"
@@ -61,13 +63,8 @@ def parse_spec(spec: str) -> str | None:
     return name
 
 
-def spec_problem(spec: str) -> str | None:
-    """What is wrong with a ``virtual-mic`` spec (``None`` if fine or not one): for settings checks."""
-    try:
-        parse_spec(spec)
-    except VirtualMicError as exc:
-        return str(exc)
-    return None
+#: What is wrong with a ``virtual-mic`` spec (``None`` if fine or not one): for settings checks.
+spec_problem = parsed_by(parse_spec, VirtualMicError)
 
 
 def pactl(*args: str, env: dict[str, str] | None = None) -> str:

@@ -33,7 +33,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common.config import PipelineConfigError, is_loopback
-from common.settings import at_least, setting
+from common.settings import at_least, parsed_by, setting
 from common.tap import topics_for
 from services.base import Service, add_service_arguments, service_main
 
@@ -55,19 +55,11 @@ def parse_bind(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _bind_problem(value: str) -> str | None:
-    try:
-        parse_bind(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
 @dataclass(frozen=True)
 class DashboardSettings:
     """The ``[dashboard]`` table (config/pipeline.toml documents each key)."""
 
-    bind: str = setting("127.0.0.1:8770", _bind_problem)
+    bind: str = setting("127.0.0.1:8770", parsed_by(parse_bind, ValueError))
     token: str = setting("")
     update_interval_s: float = setting(0.2, lambda v: None if 0.05 <= v <= 0.25 else "must be in [0.05, 0.25]")
     history_s: float = setting(60.0, lambda v: None if 10 <= v <= 600 else "must be in [10, 600]")
