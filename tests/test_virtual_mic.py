@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bus_helpers import wait_until
+from services.lab.acoustic import locate
 from services.lab.endpoints import private_sets
 from services.lab.harness import RunningPipeline
 from services.sinks import MONITOR_FILL_S
@@ -21,6 +22,7 @@ from services.virtual_mic import DESCRIPTION, VirtualMic
 
 LLVC = Path(sys.executable).parent / "llvc"
 RATE = 48_000
+PIECE = RATE // 2  # the monitor-output comparison's piece: half a second
 TONE_HZ, TONE_LEVEL = 440.0, 0.1  # capture's tone source defaults (capture.tone_hz, capture.level)
 SPEECH = Path(__file__).resolve().parent / "data" / "174-50561-0000.wav"
 ARGS = ["--no-dashboard", "--passthrough", "--set", "playback.device_latency=0.02"]
@@ -129,19 +131,26 @@ def test_the_monitor_output_carries_the_same_audio_as_the_microphone(pulse, tmp_
     # earlier tests); the sink itself plays on regardless.
     assert {"monitor_starved", "monitor_underflows", "monitor_dropped"} <= counters.keys(), counters
     assert counters["underruns"] <= max(2, 0.01 * counters["chunks_played"]), counters
-    # The same speech on both: align by cross-correlation (their buffers differ), compare shapes.
-    # (Either recorder may start late, up to ~1.8 s on an idle source: tests/pulse.py.)
+    # The same speech on both: compare the microphone's 2 s in half-second pieces, each found in
+    # the monitor's recording on its own (their buffers differ, and a device-level gap on either
+    # side shifts everything after it: one CI run compared the 2 s whole and got 0.65 with every
+    # monitor counter at 0). (Either recorder may start late, up to ~1.8 s on an idle source:
+    # services/lab/pulse.py.)
     a, b = a[2 * RATE:4 * RATE], b[RATE // 2:6 * RATE]
     assert np.sqrt(np.mean(a ** 2)) > 1e-3 and np.sqrt(np.mean(b ** 2)) > 1e-3
-    n = len(a) + len(b)
-    corr = np.fft.irfft(np.fft.rfft(b, n) * np.conj(np.fft.rfft(a, n)), n)[: len(b) - len(a) + 1]
-    lag = int(np.argmax(np.abs(corr)))
-    seg = b[lag:lag + len(a)]
-    similarity = float(np.dot(a, seg) / (np.linalg.norm(a) * np.linalg.norm(seg) + 1e-12))
-    print(f"mic vs monitor output: similarity {similarity:.4f}, the monitor output "
-          f"{(lag - 1.5 * RATE) / RATE * 1000:+.1f} ms from the microphone (recorders' starts included; "
+    scores, lags = [], []
+    for k in range(0, len(a) - PIECE + 1, PIECE):
+        piece = a[k:k + PIECE]
+        if np.sqrt(np.mean(piece ** 2)) < 1e-3:  # a pause: nothing to match
+            continue
+        lag = locate(b, piece)
+        seg = b[lag:lag + PIECE]
+        scores.append(float(np.dot(piece, seg) / (np.linalg.norm(piece) * np.linalg.norm(seg) + 1e-12)))
+        lags.append((lag - k - 1.5 * RATE) / RATE * 1000)
+    print(f"mic vs monitor output: similarity per half second {[round(v, 4) for v in scores]}, the monitor "
+          f"output {[round(v, 1) for v in lags]} ms from the microphone (recorders' starts included; "
           f"its ring starts {MONITOR_FILL_S * 1000:g} ms beyond a callback)")
-    assert similarity >= 0.95
+    assert len(scores) >= 2 and float(np.median(scores)) >= 0.95, scores
 
 
 def test_playback_alone_removes_its_microphone_on_exit(pulse, tmp_path):
