@@ -46,8 +46,10 @@ def check_recovered(r: dict) -> None:
     assert r["stale_replayed"] == 0, "audio from before the fault was played after recovery"
     assert r["recovery_ms"] < 15_000  # targets (2 s inference, 1 s others) are benchmarked, not asserted
     assert r["after"]["n"] > 50, "audio did not keep flowing after recovery"
-    # Latency comes back to its pre-fault level: no stale backlog is kept anywhere.
-    assert r["after"]["p50"] <= r["before"]["p50"] + 8.0, r
+    # Latency comes back to its pre-fault level: no stale backlog is kept anywhere. A stale chunk
+    # kept anywhere adds a whole chunk; less than that is a restarted playback re-settling on a
+    # slow machine (one full-suite run: +9.7 ms after kill -9 of playback).
+    assert r["after"]["p50"] <= r["before"]["p50"] + CHUNK_MS - 1.0, r
 
 
 @pytest.mark.timeout(300)
