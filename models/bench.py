@@ -355,6 +355,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="OUT.png", help="per-chunk latency box plots (needs matplotlib)")
     p.add_argument("-p", "--checkpoint", help=f"LLVC checkpoint ({CHECKPOINT_DEFAULT_HELP})")
     p.add_argument("-c", "--config", help=f"model config JSON ({CONFIG_DEFAULT_HELP})")
+    p.add_argument("--streams", action="extend", nargs="+", type=int, metavar="N",
+                   help="instead: one batched step for N streams against N single-stream steps "
+                        "(e.g. --streams 1 2 4 8 16 32 64; chunk factors default 1 4)")
     p.add_argument("--quick", action="store_true",
                    help=f"chunk factor 1, 1 thread, first {QUICK_SECONDS:g} s of the clip, 5 warm-up chunks")
 
@@ -380,6 +383,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--chunk-factor: {exc}")
     if any(v < 1 for v in threads) or args.repeats < 1 or args.warmup < 0:
         return fail("--threads and --repeats must be >= 1, --warmup >= 0")
+    if args.streams:
+        return _run_streams(args, cfs if args.chunk_factor else None, threads[0], fail)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print("matplotlib not installed: pip install '.[plot]'", file=sys.stderr)
     try:
@@ -391,13 +396,38 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     print(format_table(report))
     print(f"fastest valid backend: {choose_backend(report)}")
+    _say_model_and_save(report, args.json)
+    if args.plot and write_plot(report, args.plot):
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _say_model_and_save(report: dict, json_out: str | None) -> None:
+    """The one line naming the model benchmarked, and the JSON report if asked for."""
     if report["model"]["demo"]:
         print(demo_model_line("llvc bench", report["model"]["id"]), file=sys.stderr)
     elif not report["model"]["trained"]:
         print("NOTE: benchmarked an UNTRAINED seeded model (-c without -p)", file=sys.stderr)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot and write_plot(report, args.plot):
-        print(f"wrote {args.plot}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {json_out}")
+
+
+def _run_streams(args: argparse.Namespace, cfs: list[int] | None, threads: int, fail) -> int:
+    """``llvc bench --streams``: :mod:`models.bench_streams`."""
+    from common.audio import AudioError
+    from models.bench_streams import DEFAULT_CHUNK_FACTORS as STREAM_CFS
+    from models.bench_streams import DEFAULT_SECONDS, format_streams_table, run_streams_bench
+
+    if any(n < 1 for n in args.streams):
+        return fail("--streams must be >= 1")
+    try:
+        report = run_streams_bench(args.streams, cfs or STREAM_CFS, threads, args.clip,
+                                   seconds=QUICK_SECONDS / 6 if args.quick else DEFAULT_SECONDS,
+                                   checkpoint=args.checkpoint, config=args.config,
+                                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (ValueError, OSError, AudioError) as exc:
+        return fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    print(format_streams_table(report))
+    _say_model_and_save(report, args.json)
     return 0

@@ -144,7 +144,13 @@ class StreamingEngine(EngineBase):
 
     # ------------------------------------------------------------------ helpers
     def _as_tensor(self, samples, n: int, what: str) -> torch.Tensor:
-        t = torch.as_tensor(samples)
-        if t.dim() != 1 or t.shape[0] != n:
-            raise ValueError(f"{what} must be 1-D with exactly {n} samples, got shape {tuple(t.shape)}")
-        return t.to(device=self.device, dtype=torch.float32)
+        return step_tensor(samples, n, what, self.device)
+
+
+def step_tensor(samples, n: int, what: str, device: torch.device) -> torch.Tensor:
+    """``samples`` (array or tensor) as a 1-D float32 tensor of exactly ``n`` on ``device``,
+    else ``ValueError`` naming ``what``."""
+    t = torch.as_tensor(samples)
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{what} must be 1-D with exactly {n} samples, got shape {tuple(t.shape)}")
+    return t.to(device=device, dtype=torch.float32)
