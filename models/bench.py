@@ -30,8 +30,6 @@ import copy
 import importlib.util
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -44,14 +42,11 @@ from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP
 from models.geometry import check_chunk_factor
 from models.spec import demo_model_line
 
-#: A backend's whole-clip output may differ from reference's by at most this to be valid.
-TOLERANCE = 1e-4
-DEFAULT_CLIP = Path(__file__).resolve().parents[1] / "tests" / "data" / "174-50561-0000.wav"
+from .benchkit import BLOCK_S, DEFAULT_CLIP, TOLERANCE, load_clip, machine_info
+
 DEFAULT_CHUNK_FACTORS = (1, 2, 4, 8)
 DEFAULT_THREADS = (1, 2)
 QUICK_SECONDS = 3.0
-#: Seconds of audio each backend converts in a row before the next one's turn (module docstring).
-BLOCK_S = 1.0
 RTF_DEFINITION = "chunk duration / median processing time per chunk (>1: faster than real time)"
 
 
@@ -98,28 +93,6 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
-# --------------------------------------------------------------------------- machine
-def machine_info() -> dict:
-    """CPU model, core count and library versions, for the JSON report."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    try:
-        import onnxruntime
-        ort = onnxruntime.__version__
-    except Exception:  # not installed, or broken
-        ort = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort}
-
-
 # --------------------------------------------------------------------------- the benchmark
 def _stats(times_ns: list[int], chunk_s: float) -> dict:
     t = np.asarray(times_ns, dtype=np.float64) / 1e6
@@ -127,18 +100,6 @@ def _stats(times_ns: list[int], chunk_s: float) -> dict:
     return {"median_ms": med, "p95_ms": float(np.percentile(t, 95)), "p99_ms": float(np.percentile(t, 99)),
             "mean_ms": mean, "max_ms": float(t.max()), "chunks": len(t),
             "rtf": 1000 * chunk_s / med, "rtf_mean": 1000 * chunk_s / mean}
-
-
-def _load_clip(clip, sample_rate: int, seconds: float | None) -> tuple[np.ndarray, str]:
-    from common.audio import read_audio
-
-    if isinstance(clip, (str, os.PathLike)):
-        x, name = read_audio(clip, sample_rate), str(clip)
-    else:
-        x, name = np.asarray(clip, dtype=np.float32).reshape(-1), "<array>"
-    if seconds is not None:
-        x = x[: int(seconds * sample_rate)]
-    return np.ascontiguousarray(x, dtype=np.float32), name
 
 
 def _bench_setting(model, info, names, chunk_factor, threads, x, warmup, repeats, workdir) -> dict:
@@ -239,7 +200,7 @@ def run_bench(backends=("reference", "eager", "onnx"), chunk_factors=DEFAULT_CHU
     t0 = time.perf_counter()
     model, info = load_model(checkpoint, config, warn=warnings.append)
     load_s = time.perf_counter() - t0
-    x, clip_name = _load_clip(clip, model.cfg.sample_rate, seconds)
+    x, clip_name = load_clip(clip, model.cfg.sample_rate, seconds)
     report = {"machine": machine_info(),
               "model": {"id": info.model_id, "trained": info.trained, "demo": info.demo, "load_s": load_s},
               "clip": {"path": clip_name, "samples": len(x), "seconds": len(x) / model.cfg.sample_rate},

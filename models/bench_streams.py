@@ -8,7 +8,7 @@ would). They alternate in blocks of about one second of audio, as ``llvc bench``
 its backends, so both see the same machine. Reported per setting: the batched call's time
 (median, p95) and per stream, the single step's time, N single steps' time per chunk, the
 speed-up, and the largest difference between the two outputs (they must agree to
-:data:`models.bench.TOLERANCE`). Speed is measured, never asserted.
+:data:`models.benchkit.TOLERANCE`). Speed is measured, never asserted.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from models.bench import BLOCK_S, TOLERANCE, _load_clip, machine_info
+from .benchkit import BLOCK_S, DEFAULT_CLIP, TOLERANCE, load_clip, machine_info
 
 DEFAULT_STREAMS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_CHUNK_FACTORS = (1, 4)
@@ -92,13 +92,12 @@ def run_streams_bench(streams=DEFAULT_STREAMS, chunk_factors=DEFAULT_CHUNK_FACTO
     """Every (chunk factor, N) setting; returns the report dict."""
     import torch
 
-    from models.bench import DEFAULT_CLIP
     from models.checkpoint import load_model
 
     log = log or (lambda msg: None)
     warnings: list[str] = []
     model, info = load_model(checkpoint, config, warn=warnings.append)
-    x, clip_name = _load_clip(clip or DEFAULT_CLIP, model.cfg.sample_rate, None)
+    x, clip_name = load_clip(clip or DEFAULT_CLIP, model.cfg.sample_rate, None)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     report = {"machine": machine_info(), "threads": threads, "clip": clip_name, "seconds": seconds,
