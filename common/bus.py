@@ -1,10 +1,16 @@
-"""The message bus: ZeroMQ sockets for audio (PUSH/PULL) and telemetry (PUB/SUB).
+"""The message bus: ZeroMQ sockets for audio (PUSH/PULL in, ROUTER/DEALER out) and telemetry (PUB/SUB).
 
 Every socket is made here, from the pipeline config (:mod:`common.config`), so endpoints, roles
 and real-time options live in one place.
 
-Audio path (PUSH/PULL). Inference is the stable server: it binds ``audio_in`` (PULL) and
-``audio_out`` (PUSH); capture and playback connect. Options, and why:
+Audio path. Inference is the stable server: it binds ``audio_in`` (PULL) and ``audio_out``
+(ROUTER); capture and playback connect. Many captures may push into the one PULL (each chunk
+names its session). Converted audio must reach only its own session's playback, which a PUSH
+cannot do (it deals messages round-robin), so playback connects a DEALER and keeps asking for
+its session (:class:`~common.protocol.Listen`, every :data:`LISTEN_EVERY_S`): inference's
+:class:`AudioRouter` sends each chunk to the live listeners of its session only, and forgets a
+listener that stopped asking or whose connection went away, so no audio is queued for a
+playback that is gone. Options, and why:
 
 * small send/receive high-water marks: a stalled peer costs dropped chunks, never a growing
   backlog of stale audio;
@@ -34,19 +40,38 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from dataclasses import dataclass
 
 import zmq
 
 from .audio import SAMPLE_RATE
 from .config import Endpoint, PipelineConfig
 from .control import ControlClient, ControlServer
-from .protocol import AudioChunk, ProtocolError, Telemetry, decode_audio, decode_telemetry, encode, max_message_bytes
+from .protocol import (
+    AudioChunk,
+    Listen,
+    ProtocolError,
+    Telemetry,
+    decode_audio,
+    decode_listen,
+    decode_telemetry,
+    encode,
+    max_message_bytes,
+)
 from .security import CurveKeys, load_keys, make_client, make_server, start_authenticator
 from .telemetry import Record, make_message
 from .telemetry import decode as decode_record
 
 #: Control requests waiting at most (a REP answers one at a time; more waiting means a flood).
 CONTROL_HWM = 16
+#: How often a playback repeats its :class:`~common.protocol.Listen` request. Short, because a
+#: restarted inference sends a playback nothing until it hears the next one.
+LISTEN_EVERY_S = 0.1
+#: A listener not heard from for this long is forgotten (ten requests missed).
+LISTEN_TIMEOUT_S = 1.0
+#: Listen requests read per :meth:`AudioRouter.poll_listeners` at most (a flood cannot stall the loop).
+LISTEN_READ_LIMIT = 256
 
 
 class BusError(RuntimeError):
@@ -144,6 +169,137 @@ class AudioReceiver(_Receiver):
                 out.append(chunk)
         return out
 
+    def drain_from(self, limit: int = 1000) -> list[tuple[AudioChunk, str | None]]:
+        """Like :meth:`drain`, with each chunk's sender: the CURVE key (z85) it authenticated
+        with, ``None`` on a link without CURVE."""
+        out = []
+        for _ in range(limit):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            chunk = self._accept(self._decode, [f.bytes for f in frames])
+            if chunk is not None:
+                out.append((chunk, _peer_key(frames[0])))
+        return out
+
+
+class AudioListener(AudioReceiver):
+    """Playback's side of ``audio_out`` (DEALER): asks for ``session``'s audio and receives it.
+
+    :meth:`recv` and :meth:`drain` repeat the request when it is due, so a caller that keeps
+    receiving keeps listening; :meth:`listen` sends it now (on a new connection, say).
+    """
+
+    def __init__(self, sock: zmq.Socket, max_samples: int, session: str, expect_rate: int | None = SAMPLE_RATE):
+        super().__init__(sock, max_samples, expect_rate)
+        self.session = session
+        self._request = encode(Listen(session))
+        self._next_request = 0.0
+
+    def listen(self) -> bool:
+        """Send the request now; ``False`` if it could not go out (no connection yet: then the
+        next receive tries again, so a new connection is asked on at once)."""
+        try:
+            self.socket.send(self._request, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        self._next_request = time.monotonic() + LISTEN_EVERY_S
+        return True
+
+    def _frames(self, timeout_ms: int) -> list[bytes] | None:
+        if time.monotonic() >= self._next_request:
+            self.listen()
+        if timeout_ms > 1000 * LISTEN_EVERY_S:  # keep asking while waiting long
+            deadline = time.monotonic() + timeout_ms / 1000
+            while (left := deadline - time.monotonic()) > 0:
+                frames = super()._frames(max(1, int(1000 * min(left, LISTEN_EVERY_S))))
+                if frames is not None:
+                    return frames
+                if time.monotonic() >= self._next_request:
+                    self.listen()
+            return None
+        return super()._frames(timeout_ms)
+
+
+@dataclass
+class _Listener:
+    session: str
+    key: str | None      # the peer's CURVE key (z85), None without CURVE
+    heard: float         # monotonic s of its latest request
+
+
+class AudioRouter:
+    """Inference's side of ``audio_out`` (ROUTER): each session's audio to its own listeners.
+
+    :meth:`poll_listeners` reads the playbacks' requests (malformed ones are rejected and counted);
+    :meth:`send` sends a chunk to every live listener of its session, never blocking: a
+    listener whose queue is full loses the chunk (a counted drop), one whose connection is gone
+    is forgotten at once (``ROUTER_MANDATORY``), and one silent for :data:`LISTEN_TIMEOUT_S` too.
+    With CURVE, a chunk goes only to listeners that authenticated with the session's key.
+    """
+
+    def __init__(self, sock: zmq.Socket, curve: bool):
+        self.socket = sock
+        self.curve = curve
+        self.listeners: dict[bytes, _Listener] = {}
+        self.sent = self.dropped = self.rejected = 0
+        self.last_reject: str | None = None
+
+    def poll_listeners(self) -> None:
+        """Read waiting requests (up to :data:`LISTEN_READ_LIMIT`) and forget silent listeners."""
+        now = time.monotonic()
+        for _ in range(LISTEN_READ_LIMIT):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                if len(frames) != 2:
+                    raise ProtocolError(f"listen: expected 1 frame, got {len(frames) - 1}")
+                request = decode_listen(frames[1].bytes)
+            except ProtocolError as exc:
+                self.rejected += 1
+                self.last_reject = str(exc)
+                continue
+            key = _peer_key(frames[1]) if self.curve else None
+            self.listeners[frames[0].bytes] = _Listener(request.session, key, now)
+        for rid in [r for r, li in self.listeners.items() if now - li.heard > LISTEN_TIMEOUT_S]:
+            del self.listeners[rid]
+
+    def listening(self, session: str) -> int:
+        """How many live listeners ``session`` has."""
+        return sum(li.session == session for li in self.listeners.values())
+
+    def send(self, chunk: AudioChunk, session: str, key: str | None = None) -> bool:
+        """Send ``chunk`` to ``session``'s listeners (with CURVE: those with ``key`` only);
+        ``True`` if at least one got it."""
+        data = encode(chunk)
+        got = False
+        for rid in [r for r, li in self.listeners.items()
+                    if li.session == session and (not self.curve or li.key == key)]:
+            try:
+                self.socket.send_multipart([rid, data], zmq.NOBLOCK)
+            except zmq.Again:  # its queue is full: drop, never wait
+                self.dropped += 1
+                continue
+            except zmq.ZMQError:  # EHOSTUNREACH: its connection is gone
+                del self.listeners[rid]
+                continue
+            self.sent += 1
+            got = True
+        if not got:
+            self.dropped += 1
+        return got
+
+
+def _peer_key(frame: zmq.Frame) -> str | None:
+    """The CURVE key (z85) the ZAP handler authenticated the frame's sender with, if any."""
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:
+        return None
+
 
 class TelemetryPublisher:
     """A service's telemetry PUB. Publishing never blocks and never raises."""
@@ -202,7 +358,8 @@ class Bus:
         self._own_context = context is None
         self._sockets: list[zmq.Socket] = []
         self._auth = None
-        self._keys: CurveKeys | None = load_keys(cfg.security.keys_dir) if cfg.security.curve else None
+        self._keys: CurveKeys | None = (load_keys(cfg.security.keys_dir, cfg.security.client_key)
+                                           if cfg.security.curve else None)
 
     # ------------------------------------------------------------------ sockets
     def _socket(self, kind: int, endpoint: Endpoint, hwm_option: int, hwm: int,
@@ -240,6 +397,21 @@ class Bus:
         """A PUSH socket on ``endpoint`` (e.g. capture → ``audio_in``)."""
         ep = self.cfg.endpoint(endpoint)
         return AudioSender(self._socket(zmq.PUSH, ep, zmq.SNDHWM, self.cfg.bus.send_hwm))
+
+    def audio_router(self, endpoint: str) -> AudioRouter:
+        """The ROUTER on ``endpoint`` (inference → ``audio_out``): see :class:`AudioRouter`."""
+        ep = self.cfg.endpoint(endpoint)
+        sock = self._socket(zmq.ROUTER, ep, zmq.SNDHWM, self.cfg.bus.send_hwm)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.RCVHWM, CONTROL_HWM * 16)
+        return AudioRouter(sock, self._keys is not None and ep.is_tcp)
+
+    def audio_listener(self, endpoint: str, session: str, expect_rate: int | None = SAMPLE_RATE) -> AudioListener:
+        """A DEALER on ``endpoint`` (playback ← ``audio_out``) that asks for ``session``'s audio."""
+        ep = self.cfg.endpoint(endpoint)
+        sock = self._socket(zmq.DEALER, ep, zmq.RCVHWM, self.cfg.bus.recv_hwm)
+        sock.setsockopt(zmq.SNDHWM, 2)  # requests only: an old one waiting is as good as a new one
+        return AudioListener(sock, self.cfg.bus.max_samples, session, expect_rate)
 
     def audio_receiver(self, endpoint: str, expect_rate: int | None = SAMPLE_RATE) -> AudioReceiver:
         """A PULL socket on ``endpoint`` (e.g. inference ← ``audio_in``)."""

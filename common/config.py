@@ -41,6 +41,8 @@ __all__ = [
     "DEFAULT_PIPELINE_CONFIG",
     "CONFIG_ENV_VAR",
     "ENV_PREFIX",
+    "env_name",
+    "IPC_MAX_BYTES",
     "SERVICES",
     "REQUIRED_ENDPOINTS",
     "PipelineConfigError",
@@ -92,8 +94,9 @@ _HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 # Hostnames, IPv4 addresses and (in bind) interface names such as eth0 all match this.
 _HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\Z")
 _WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]")
-# The socket path must fit in sockaddr_un.sun_path (108 bytes on Linux, 104 on macOS/BSD).
-_IPC_MAX_BYTES = 100
+#: Longest ``ipc://`` path, in bytes: it must fit in sockaddr_un.sun_path (108 bytes on Linux, 104 on
+#: macOS/BSD).
+IPC_MAX_BYTES = 100
 # HWMs, timeouts and intervals are C ints in ZeroMQ's setsockopt.
 _C_INT_MAX = 2**31 - 1
 
@@ -200,6 +203,10 @@ class SecurityOptions:
     keys_dir: Path = setting(Path("keys"))
     controllers: str = setting("client", lambda v: None if not v.strip() or all(n.strip() for n in v.split(","))
                                else "must be comma-separated key names")
+    # The key pair this host's connecting sockets use (KEYS_DIR/NAME.key_secret): "client", or a
+    # pair made by `llvc keys add-client`, so a shared inference server tells the clients apart.
+    client_key: str = setting("client", lambda v: None if v and "/" not in v and not v.startswith(".")
+                              else "must be a key name in keys_dir")
 
     @property
     def controller_names(self) -> tuple[str, ...]:
@@ -331,6 +338,12 @@ def _apply(raw: dict, sources: _Sources, path: tuple[str, ...], value: Any, sour
     sources.record(path, source)
 
 
+def env_name(key: str) -> str:
+    """The environment variable that overrides the dotted ``key``: ``bus.send_hwm`` →
+    ``LLVC__BUS__SEND_HWM`` (the inverse of how :func:`load_pipeline_config` reads them)."""
+    return ENV_PREFIX + "__".join(part.upper() for part in key.strip().split("."))
+
+
 def _env_overrides(env: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any, str]]:
     """``(path, value, source)`` for every ``LLVC__...`` variable, tables before their keys."""
     found: dict[tuple[str, ...], str] = {}
@@ -435,8 +448,8 @@ def _address_problem(addr: str, *, bind: bool) -> str | None:
         if rest == "*":
             return f"{addr!r}: ipc://* binds a random path that the other side cannot know"
         size = len(rest.encode("utf-8"))
-        if size > _IPC_MAX_BYTES:
-            return f"{addr!r}: path is {size} bytes, at most {_IPC_MAX_BYTES} (it must fit in sun_path)"
+        if size > IPC_MAX_BYTES:
+            return f"{addr!r}: path is {size} bytes, at most {IPC_MAX_BYTES} (it must fit in sun_path)"
     return None
 
 

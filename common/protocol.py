@@ -13,7 +13,7 @@ Two fields are common to every message:
 =================  ==========  ==================================================================
 field              type        meaning
 =================  ==========  ==================================================================
-``kind``           str         ``"audio"`` or ``"telemetry"``
+``kind``           str         ``"audio"``, ``"telemetry"`` or ``"listen"``
 ``v``              [int, int]  protocol version ``[major, minor]``, see :data:`PROTOCOL_VERSION`
 =================  ==========  ==================================================================
 
@@ -40,6 +40,9 @@ field              type        meaning
                                it sits on the source's timeline, whatever chunks were lost
 ``source_end``     int | nil   optional: total samples of a finite source (a file), once the
                                capture knows it; nil or absent for a live source
+``session``        str | nil   optional (1.1): the client session the chunk belongs to, 1-64
+                               chars (a capture + playback pair, see :mod:`services.sessions`);
+                               nil or absent: the unnamed session ``""`` of a 1.0 sender
 =================  ==========  ==================================================================
 
 Each ``stages`` entry (:class:`StageRecord`; times on *that stage's* host's monotonic clock):
@@ -70,6 +73,17 @@ field              type        meaning
 ``t_wall_ns``      int         the same instant on the sender's wall clock (>= 0)
 ``data``           map         str keys; values None, bool, int, float (finite), str, array or
                                map (str keys), containers nested at most 4 deep below ``data``
+=================  ==========  ==================================================================
+
+**Listen** (``kind = "listen"``, :class:`Listen`, 1.1): a playback's request to inference, on
+``audio_out``, for its session's converted audio. Playback repeats it while it runs (it is also
+how inference learns that the playback is alive); inference routes each converted chunk only to
+the live listeners of the chunk's session.
+
+=================  ==========  ==================================================================
+field              type        meaning
+=================  ==========  ==================================================================
+``session``        str         the session to receive: 0-64 chars (``""``: the unnamed one)
 =================  ==========  ==================================================================
 
 Telemetry travels as a two-frame ZeroMQ message ``[topic, encode(msg)]`` with
@@ -115,16 +129,18 @@ __all__ = [
     "StageRecord",
     "AudioChunk",
     "Telemetry",
+    "Listen",
     "max_message_bytes",
     "make_telemetry",
     "encode",
     "decode",
     "decode_audio",
     "decode_telemetry",
+    "decode_listen",
 ]
 
 #: ``(major, minor)`` of what :func:`encode` writes; on the wire as ``[major, minor]``.
-PROTOCOL_VERSION = (1, 0)
+PROTOCOL_VERSION = (1, 1)
 #: Largest chunk accepted by default: 1 s at 16 kHz, far above any real chunk (208 * chunk_factor).
 DEFAULT_MAX_SAMPLES = 16000
 #: Sample formats on the wire. Decoded audio is always float32.
@@ -156,7 +172,7 @@ _MISSING = object()
 # KeyError names the first one missing.
 _AUDIO_FIELDS = ("stream_id", "seq", "t_capture_ns", "t_wall_ns", "sample_rate", "n_samples",
                  "fmt", "payload", "stages", "offset")
-_AUDIO_OPTIONAL = ("source_end",)
+_AUDIO_OPTIONAL = ("source_end", "session")
 _STAGE_FIELDS = ("name", "host", "t_recv_ns", "t_send_ns", "proc_ns", "model", "reset")
 _TELEMETRY_FIELDS = ("service", "type", "host", "pid", "t_mono_ns", "t_wall_ns", "data")
 _AUDIO_GET = itemgetter(*_AUDIO_FIELDS)
@@ -165,6 +181,7 @@ _TELEMETRY_GET = itemgetter(*_TELEMETRY_FIELDS)
 _AUDIO_KEYS = frozenset(("kind", "v") + _AUDIO_FIELDS + _AUDIO_OPTIONAL)
 _STAGE_KEYS = frozenset(_STAGE_FIELDS)
 _TELEMETRY_KEYS = frozenset(("kind", "v") + _TELEMETRY_FIELDS)
+_LISTEN_KEYS = frozenset(("kind", "v", "session"))
 _WIRE_VERSION = list(PROTOCOL_VERSION)
 
 
@@ -209,6 +226,7 @@ class AudioChunk:
     stages: tuple[StageRecord, ...] = ()
     offset: int = 0
     source_end: int | None = None
+    session: str | None = None
 
     @property
     def n_samples(self) -> int:
@@ -241,6 +259,7 @@ class AudioChunk:
             and self.stages == other.stages
             and self.offset == other.offset
             and self.source_end == other.source_end
+            and self.session == other.session
             and np.array_equal(self.samples, other.samples)
         )
 
@@ -271,6 +290,13 @@ class Telemetry:
         """
         return f"{self.type}.{self.service}"
 
+
+
+@dataclass(frozen=True)
+class Listen:
+    """A playback's request for its session's converted audio (see the module docstring)."""
+
+    session: str = ""
 
 
 def _require_finite(x: np.ndarray, field: str) -> None:
@@ -526,6 +552,8 @@ def _encode_audio(c: AudioChunk) -> bytes:
     }
     if c.source_end is not None:
         m["source_end"] = _uint(c.source_end, "audio.source_end")
+    if c.session is not None:
+        m["session"] = _session(c.session, "audio.session")
     return msgpack.packb(m, use_bin_type=True)
 
 
@@ -554,7 +582,14 @@ def _encode_telemetry(t: Telemetry) -> bytes:
     return msgpack.packb(m, use_bin_type=True)
 
 
-def encode(msg: AudioChunk | Telemetry) -> bytes:
+def _session(value: object, path: str) -> str:
+    """``value`` if it is a str of at most :data:`MAX_NAME_LEN` characters (``""``: unnamed)."""
+    if type(value) is not str or len(value) > MAX_NAME_LEN:
+        raise ProtocolError(f"{path}: expected a str of 0-{MAX_NAME_LEN} chars, got {_show(value)}")
+    return value
+
+
+def encode(msg: AudioChunk | Telemetry | Listen) -> bytes:
     """Encode a message for the wire, checking it as strictly as :func:`decode` would.
 
     Audio is written in the chunk's ``fmt``: ``f32le`` as it is, ``s16le`` clipped to
@@ -569,7 +604,10 @@ def encode(msg: AudioChunk | Telemetry) -> bytes:
         return _encode_audio(msg)
     if isinstance(msg, Telemetry):
         return _encode_telemetry(msg)
-    raise ProtocolError(f"message: expected an AudioChunk or Telemetry, got {_show(msg)}")
+    if isinstance(msg, Listen):
+        return msgpack.packb({"kind": "listen", "v": _WIRE_VERSION, "session": _session(msg.session, "listen.session")},
+                             use_bin_type=True)
+    raise ProtocolError(f"message: expected an AudioChunk, Telemetry or Listen, got {_show(msg)}")
 
 
 # --------------------------------------------------------------------------- decode
@@ -602,6 +640,9 @@ def _decode_audio_map(m: dict, max_samples: int, expect_rate: int | None) -> Aud
     source_end = m.get("source_end")
     if source_end is not None:
         _uint(source_end, "audio.source_end")
+    session = m.get("session")
+    if session is not None:
+        _session(session, "audio.session")
     _uint(seq, "audio.seq")
     _uint(t_cap, "audio.t_capture_ns")
     _uint(t_wall, "audio.t_wall_ns")
@@ -637,7 +678,7 @@ def _decode_audio_map(m: dict, max_samples: int, expect_rate: int | None) -> Aud
     else:
         x = np.frombuffer(payload, dtype=_S16LE).astype(np.float32)
         x *= 1.0 / _S16_SCALE  # a power of two: exact, and encode's rint() gives the ints back
-    return AudioChunk(stream_id, seq, t_cap, t_wall, x, rate, fmt, records, offset, source_end)
+    return AudioChunk(stream_id, seq, t_cap, t_wall, x, rate, fmt, records, offset, source_end, session)
 
 
 def _decode_telemetry_map(m: dict) -> Telemetry:
@@ -660,8 +701,17 @@ def _decode_telemetry_map(m: dict) -> Telemetry:
     return Telemetry(service, typ, data, host, pid, t_mono, t_wall)
 
 
+def _decode_listen_map(m: dict) -> Listen:
+    if len(m) > len(_LISTEN_KEYS):
+        _check_extra(m, _LISTEN_KEYS, "listen")
+    session = m.get("session", _MISSING)
+    if session is _MISSING:
+        raise _missing("listen.session")
+    return Listen(_session(session, "listen.session"))
+
+
 def _decode(data: object, max_samples: int, expect_rate: int | None,
-            want: str | None) -> AudioChunk | Telemetry:
+            want: str | None) -> AudioChunk | Telemetry | Listen:
     max_bytes, unpack_limits = _limits(max_samples)
     if expect_rate is not None and (type(expect_rate) is not int or expect_rate < 1):
         raise ValueError(f"expect_rate must be None or an int >= 1, got {expect_rate!r}")
@@ -691,13 +741,17 @@ def _decode(data: object, max_samples: int, expect_rate: int | None,
         if want is not None and want != kind:
             raise ProtocolError(f"kind: expected {want}, got telemetry")
         return _decode_telemetry_map(m)
+    if type(kind) is str and kind == "listen":
+        if want is not None and want != kind:
+            raise ProtocolError(f"kind: expected {want}, got listen")
+        return _decode_listen_map(m)
     if kind is _MISSING:
         raise _missing("kind")
-    raise ProtocolError(f"kind: expected audio or telemetry, got {_show(kind)}")
+    raise ProtocolError(f"kind: expected audio, telemetry or listen, got {_show(kind)}")
 
 
 def decode(data: bytes | bytearray | memoryview, *, max_samples: int = DEFAULT_MAX_SAMPLES,
-           expect_rate: int | None = None) -> AudioChunk | Telemetry:
+           expect_rate: int | None = None) -> AudioChunk | Telemetry | Listen:
     """Decode one message from the wire: the only way in.
 
     Args:
@@ -735,3 +789,9 @@ def decode_telemetry(data: bytes | bytearray | memoryview, *,
                      max_samples: int = DEFAULT_MAX_SAMPLES) -> Telemetry:
     """Decode a telemetry message; like :func:`decode`, and a :class:`ProtocolError` for audio."""
     return _decode(data, max_samples, None, "telemetry")  # type: ignore[return-value]
+
+
+def decode_listen(data: bytes | bytearray | memoryview) -> Listen:
+    """Decode a playback's :class:`Listen` request; like :func:`decode`, and a
+    :class:`ProtocolError` for any other kind."""
+    return _decode(data, DEFAULT_MAX_SAMPLES, None, "listen")  # type: ignore[return-value]

@@ -12,7 +12,9 @@ authenticated with ZeroMQ CURVE (``[security] curve = true`` in the pipeline con
 
 ``llvc keys init DIR`` makes one server pair and one client pair and authorizes the client.
 Copy the folder to every host of the pipeline (secret keys are 0600, the folder 0700). Give a
-dashboard its own identity with ``llvc keys add-client DIR NAME``. Links over ``ipc://`` and
+dashboard, or each client of a shared inference server, its own identity with ``llvc keys
+add-client DIR NAME`` and ``[security] client_key = "NAME"`` on that host: inference binds a
+session to the key that opened it (:mod:`services.sessions`). Links over ``ipc://`` and
 ``inproc://`` never leave the host and stay plaintext.
 
 Layout of ``DIR``::
@@ -70,13 +72,14 @@ def _load_pair(folder: Path, name: str) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def load_keys(folder: str | Path) -> CurveKeys:
-    """Load the server and client pairs from ``folder`` (see the module docstring)."""
+def load_keys(folder: str | Path, client: str = "client") -> CurveKeys:
+    """Load the server pair and the client pair ``client`` (``NAME.key_secret``; a client made by
+    ``llvc keys add-client DIR NAME``) from ``folder`` (see the module docstring)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SecurityError(f"{folder}: keys folder not found (create it with `llvc keys init {folder}`)")
     server_public, server_secret = _load_pair(folder, "server")
-    client_public, client_secret = _load_pair(folder, "client")
+    client_public, client_secret = _load_pair(folder, client)
     if not (folder / AUTHORIZED).is_dir():
         raise SecurityError(f"{folder / AUTHORIZED}: missing folder of authorized client keys")
     return CurveKeys(folder, server_public, server_secret, client_public, client_secret)

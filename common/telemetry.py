@@ -29,7 +29,10 @@ A different major is refused. A later minor may only add: fields this version do
 ignored, and an event name it does not know decodes as :class:`OtherEvent`. 1.1 added
 :class:`SoundFrame`, :class:`PlaybackChunk`'s ``wait_ms`` and ``device_ms`` and
 :class:`InferenceStatus`' ``chunk_factor``; 1.2 added :class:`ControlChanged`,
-:class:`VoiceSwitch` and :class:`InferenceStatus`' ``controls`` and ``voice``; a subscriber
+:class:`VoiceSwitch` and :class:`InferenceStatus`' ``controls`` and ``voice``; 1.3 added
+sessions (:mod:`services.sessions`): the ``session`` label on :class:`InferenceChunk`,
+:class:`Reset` and :class:`PlaybackChunk`, :class:`SessionChange`, and :class:`InferenceStatus`'
+``sessions``, ``max_streams`` and ``batch_sizes``; a subscriber
 by topic prefix (``heartbeat.``, ``chunk.``, ``event.``) never sees a type it does not know.
 
 **Counters** (in heartbeats) are cumulative since the publishing process started; the monitor
@@ -53,13 +56,13 @@ __all__ = [
     "SCHEMA_VERSION", "TelemetryError", "Counter", "DROPPED_PREFIX", "EventName", "ResetReason",
     "Origin", "Record", "Heartbeat", "CaptureStatus", "InferenceStatus", "PlaybackStatus", "MonitorStatus",
     "InferenceChunk", "PlaybackChunk", "AudioHeader", "SoundFrame", "Event", "StreamStart", "Reset", "Eof", "Drained",
-    "Underrun", "Reject", "ControlChanged", "VoiceSwitch", "Status", "ServiceStale", "ServiceBack",
+    "Underrun", "Reject", "ControlChanged", "VoiceSwitch", "SessionChange", "Status", "ServiceStale", "ServiceBack",
     "ServiceRestarted", "Overloaded",
     "OverloadCleared", "InputOverflow", "OutputUnderflow", "SinkError", "OtherEvent", "decode", "make_message",
 ]
 
 #: ``(major, minor)`` of the records this module writes (``data["schema"]``).
-SCHEMA_VERSION = (1, 2)
+SCHEMA_VERSION = (1, 3)
 
 
 class TelemetryError(ProtocolError):
@@ -102,6 +105,7 @@ class EventName(enum.StrEnum):
     SINK_ERROR = "sink_error"                # playback: writing a file failed
     CONTROL = "control"                      # inference: live settings changed (llvc ctl, a dashboard)
     VOICE = "voice"                          # inference: a voice switch began, completed or failed
+    SESSION = "session"                      # inference: a session opened, was refused or was evicted
 
 
 class ResetReason(enum.StrEnum):
@@ -192,6 +196,9 @@ class InferenceStatus:
     chunk_factor: int | None = None              # (1.1)
     controls: dict[str, Any] | None = None       # (1.2) the live settings (services/controls.py)
     voice: str | None = None                     # (1.2) the checkpoint in use ("" = the demo voice)
+    sessions: list[dict[str, Any]] | None = None  # (1.3) each session: name, stream_id, slot, counters
+    max_streams: int | None = None               # (1.3) sessions admitted at most
+    batch_sizes: dict[str, int] | None = None     # (1.3) batched steps so far, by how many sessions each held
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,7 @@ class PlaybackStatus:
     file_open: bool | None = None
     record_samples: int | None = None        # record's recorder
     record_open: bool | None = None
+    session: str | None = None               # (1.3) the client session it plays
 
 
 @dataclass(frozen=True)
@@ -248,6 +256,8 @@ class InferenceChunk(Record):
     rtf: float
     queue_chunks: float
     reset: bool
+    session: str | None = None          # (1.3) the client session
+    batch: int | None = None            # (1.3) sessions converted in the same call
 
 
 @dataclass(frozen=True)
@@ -264,6 +274,7 @@ class PlaybackChunk(Record):
     # sample out, and from then until it reached the output (0 for the paced sinks).
     wait_ms: float | None = None
     device_ms: float | None = None
+    session: str | None = None          # (1.3) the client session
 
 
 #: Which chunk record a service publishes.
@@ -347,6 +358,7 @@ class Reset(Event):
     stream_id: str | None
     reason: str
     offset: int
+    session: str | None = None          # (1.3) the client session
 
 
 @dataclass(frozen=True)
@@ -417,6 +429,21 @@ class VoiceSwitch(Event):
     offset: int | None = None
     load_ms: float | None = None
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SessionChange(Event):
+    """A client session ``opened``, was ``refused`` (``reason``: every stream slot is taken, or
+    the session belongs to another CURVE key; its capture logs it) or was ``evicted`` (silent for
+    ``inference.idle_s``); ``sessions`` is how many are open now, of ``max_streams``."""
+
+    NAME: ClassVar[str] = EventName.SESSION
+    action: str
+    session: str
+    sessions: int
+    max_streams: int
+    reason: str | None = None
+    chunks: int | None = None
 
 
 @dataclass(frozen=True)
@@ -520,7 +547,8 @@ class OtherEvent(Event):
 
 EVENT_TYPES: dict[str, type] = {cls.NAME: cls for cls in (
     StreamStart, Reset, Eof, Drained, Underrun, Reject, Status, ServiceStale, ServiceBack, ServiceRestarted,
-    Overloaded, OverloadCleared, InputOverflow, OutputUnderflow, SinkError, ControlChanged, VoiceSwitch)}
+    Overloaded, OverloadCleared, InputOverflow, OutputUnderflow, SinkError, ControlChanged, VoiceSwitch,
+    SessionChange)}
 assert set(EVENT_TYPES) == set(EventName), "every event name has its record"
 
 

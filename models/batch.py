@@ -23,17 +23,19 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from .engine import SlotsFull
 from .geometry import StreamGeometry
 from .llvc import LLVC
 from .streaming import step_tensor
 
-
-class SlotsFull(RuntimeError):
-    """Every slot holds a stream: :meth:`BatchedEngine.open` cannot admit another."""
+__all__ = ["BatchedEngine", "SlotsFull"]
 
 
 class BatchedEngine:
-    """Up to ``slots`` exact LLVC streams, converted together by :meth:`step`."""
+    """Up to ``slots`` exact LLVC streams, converted together by :meth:`step` (a stream pool,
+    :mod:`models.pool`)."""
+
+    batched = True
 
     def __init__(self, model: LLVC, chunk_factor: int = 1, slots: int = 8, device: str | torch.device = "cpu"):
         from .fast_step import FastStep  # raises ValueError for a configuration it does not cover
@@ -72,6 +74,19 @@ class BatchedEngine:
     def close(self, slot: int) -> None:
         """Free ``slot`` (its stream is gone); a no-op if it is free already."""
         self._open.pop(slot, None)
+
+    def reset(self, slot: int) -> None:
+        """Forget ``slot``'s stream (state zeroed); the next one needs a new head."""
+        self._check(slot)
+        with torch.inference_mode():
+            for buf in self._state:
+                buf[slot].zero_()
+        self._open[slot] = False
+
+    def primed(self, slot: int) -> bool:
+        """Whether ``slot``'s stream has its head."""
+        self._check(slot)
+        return self._open[slot]
 
     def prime(self, slot: int, head: np.ndarray | None = None) -> None:
         """Start ``slot``'s stream with its first ``geometry.head_len`` samples (``None``: silence),

@@ -45,6 +45,10 @@ class Engine(Protocol):
         """False if the state holds NaN/Inf (the stream then needs a reset)."""
 
 
+class SlotsFull(RuntimeError):
+    """Every slot of a stream pool holds a stream (:mod:`models.pool`): it cannot admit another."""
+
+
 class EngineBase:
     """Shared by the engines: the geometry's numbers as attributes, and :meth:`convert`.
 

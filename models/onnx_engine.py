@@ -126,6 +126,10 @@ class OnnxEngine(EngineBase):
         """False for an artifact of the untrained seeded model."""
         return bool(self.meta.get("trained"))
 
+    def fork(self) -> OnnxEngine:
+        """Another stream of the same graphs: its own state, the ONNX Runtime sessions shared."""
+        return OnnxEngine(self._step, self._prime, self.meta, self.path)
+
     # ------------------------------------------------------------------ control
     def reset(self) -> None:
         """Forget the stream: zero every buffer; the next stream needs a new head."""

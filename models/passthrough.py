@@ -33,6 +33,10 @@ class PassthroughEngine(EngineBase):
         self.chunks_processed = 0
 
     # ------------------------------------------------------------------ control
+    def fork(self) -> PassthroughEngine:
+        """Another stream with the same chunking."""
+        return PassthroughEngine(self.geometry)
+
     def reset(self) -> None:
         """Forget the stream; the next one needs a new head."""
         self._tail[:] = 0.0

@@ -73,6 +73,10 @@ class StreamingEngine(EngineBase):
         self._primed = False
         self.chunks_processed = 0
 
+    def fork(self) -> StreamingEngine:
+        """Another stream of the same model (its weights shared): its own state, zeroed."""
+        return StreamingEngine(self.model, self.geometry.chunk_factor, self.device, self.restructured)
+
     @property
     def restructured(self) -> bool:
         """Whether steps run :class:`~models.fast_step.FastStep` (else the module code)."""

@@ -31,6 +31,13 @@ capture (``services/capture.py``)
     ``offset`` advance anyway, so downstream sees the gap.
 
 inference (``services/inference.py``)
+  * Sessions (``services/sessions.py``): every chunk names its client session (``session``,
+    protocol 1.1; absent: the unnamed one). Up to ``max_streams`` sessions are converted at
+    once, each with its own state, stream rules and listeners; one more is refused (event
+    ``session``, action ``refused``, counter ``dropped_refused_session``), one silent for
+    ``idle_s`` is evicted. Every rule below applies within a session. Output goes on the
+    ``audio_out`` ROUTER to the playbacks that asked for the session (``listen``); with CURVE a
+    session is bound to the key that opened it (``dropped_foreign_session``).
   * One engine state per stream id; a new stream id resets it (event ``reset``, reason
     ``new_stream``). A message at offset 0 primes the engine with its first ``head_len``
     samples (the stream's true head).

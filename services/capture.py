@@ -36,10 +36,11 @@ from common.audio import SAMPLE_RATE
 from common.devices import latency_problem, parse_latency
 from common.protocol import AudioChunk
 from common.settings import at_least, non_negative, parsed_by, setting
-from common.telemetry import CaptureStatus, Counter, Eof, Heartbeat, StreamStart
+from common.telemetry import CaptureStatus, Counter, Eof, Heartbeat, SessionChange, StreamStart
 from models.geometry import StreamGeometry
 
 from .base import Service, add_service_arguments, model_spec, service_main
+from .sessions import check_session_name, session_name
 from .sources import DeviceStream, PacedSource, SourceError, make_paced_source, parse_source
 
 _NS = 1_000_000_000
@@ -53,6 +54,10 @@ WAIT_FOR = frozenset({"inference", "playback"})
 DEVICE_RETRY_S = 1.0
 
 
+#: Inference events read per turn at most (refusals of this session are looked for among them).
+REFUSAL_READS = 32
+
+
 @dataclass(frozen=True)
 class CaptureSettings:
     """The ``[capture]`` table (config/pipeline.toml says what each key means)."""
@@ -64,6 +69,16 @@ class CaptureSettings:
     wait_ready_s: float = setting(15.0, non_negative)
     queue_chunks: int = setting(32, at_least(1))
     device_latency: str | float = setting("low", latency_problem)
+    # The client session (services/sessions.py) this capture and its playback belong to: the
+    # inference server converts each session on its own and sends it to that session's playback
+    # only. Empty: derived from the host's name. Playback reads it from here too.
+    session: str = setting("", check_session_name)
+
+
+def client_session(cfg, flag: str | None = None) -> str:
+    """The session this host's capture and playback run as: ``capture.session`` (``flag``, a
+    command's ``--session``, wins), or the host's name (:func:`services.sessions.session_name`)."""
+    return session_name(cfg.settings("capture", CaptureSettings, {"session": flag}).session)
 
 
 class Framer:
@@ -75,8 +90,9 @@ class Framer:
     """
 
     def __init__(self, geometry: StreamGeometry, send: Callable[[AudioChunk], bool],
-                 count: Callable[..., None]):
+                 count: Callable[..., None], session: str | None = None):
         self.geometry = geometry
+        self.session = session
         self.stream_id = uuid.uuid4().hex
         #: Offset of the next message.
         self.offset = 0
@@ -149,7 +165,7 @@ class Framer:
         n = self.next_len
         t = self.time_of(self.offset)
         chunk = AudioChunk(self.stream_id, self.seq, t, t + self._wall_minus_mono, self._buf[:n].copy(),
-                           g.sample_rate, "f32le", (), self.offset, self.source_end)
+                           g.sample_rate, "f32le", (), self.offset, self.source_end, self.session)
         self._count("chunks_sent" if self._send(chunk) else "dropped_capture_send")
         self.offset += n
         self._fill = 0
@@ -174,6 +190,8 @@ class CaptureService(Service):
         self._device_spec = ""
         self._latency: str | float = "low"
         self._ready_sub = None
+        self._events = None  # inference's events, for refusals of this session
+        self.session = ""
         self._ready_seen: set[str] = set()
         self._wait_deadline = 0.0
         self._flush_left = 0
@@ -186,7 +204,9 @@ class CaptureService(Service):
     def setup(self) -> None:
         """Validate settings, load the file (if any), open the bus, then start or wait."""
         flags = {"source": getattr(self.args, "source", None), "loop": getattr(self.args, "loop", None)}
+        flags["session"] = getattr(self.args, "session", None)
         s = self.settings = self.cfg.settings("capture", CaptureSettings, flags)
+        self.session = session_name(s.session)
         self.geometry = model_spec(self.cfg)[1].geometry
         self.kind, arg = parse_source(s.source)
         if self.kind == "device":
@@ -196,6 +216,8 @@ class CaptureService(Service):
         else:
             self.source = make_paced_source(self.kind, arg, s)  # an unreadable file fails here
         self.sender = self.open_bus().audio_sender("audio_in")
+        # Inference's events: a refusal of this session is logged here, where its user looks.
+        self._events = self.bus.subscriber(["event.inference"], endpoints=["telemetry_inference"])
         self.meter = self.level_meter()
         if self.kind == "device":
             self._start_device()
@@ -218,7 +240,19 @@ class CaptureService(Service):
             if self.kind == "device":
                 self._watch_device()
             time.sleep(0.1 if self.meter is None else min(0.1, self.cfg.bus.sound_frame_s))
+        self._watch_refusals()
         self.publish_levels(self.meter)
+
+    def _watch_refusals(self) -> None:
+        """Log (rate-limited) when inference refuses this session's chunks."""
+        for _ in range(REFUSAL_READS if self._events is not None else 0):
+            msg = self._events.recv(0)
+            if msg is None:
+                return
+            if isinstance(msg, SessionChange) and msg.action == "refused" and msg.session == self.session:
+                self.count("refused_by_inference", msg.chunks or 1)
+                self.notice("refused", f"inference refused session {self.session!r}: {msg.reason}",
+                            session=self.session, sessions=msg.sessions, max_streams=msg.max_streams)
 
     def _send_chunk(self, chunk: AudioChunk) -> bool:
         """Send a message (the loop's thread, or a device's sender thread); its samples go to the
@@ -272,7 +306,7 @@ class CaptureService(Service):
         self._start_paced()
 
     def _start_paced(self) -> None:
-        framer = Framer(self.geometry, self._send_chunk, self.count)
+        framer = Framer(self.geometry, self._send_chunk, self.count, self.session)
         framer.anchor(0, time.monotonic_ns())  # t0: the schedule's origin
         self._new_stream(framer)
 
@@ -314,7 +348,7 @@ class CaptureService(Service):
 
     # ------------------------------------------------------------------ devices
     def _start_device(self) -> None:
-        framer = Framer(self.geometry, self._send_chunk, self.count)
+        framer = Framer(self.geometry, self._send_chunk, self.count, self.session)
         self.device = DeviceStream(self._device_spec, self._latency, self.settings.queue_chunks, framer,
                                    self.count)
         self._new_stream(framer, device=self.device.name, device_rate=self.device.rate)
@@ -355,6 +389,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tone | silence | clicks | file:PATH | device:NAME-or-INDEX (capture.source)")
     p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=None,
                    help="file source: start over at the end, in the same stream (capture.loop)")
+    p.add_argument("--session", default=None, metavar="NAME",
+                   help="the client session this capture feeds (capture.session; default: the host name)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -106,8 +106,7 @@ class ControlPlane:
         except SettingsError as exc:
             return ControlReply(False, str(exc), self.state())
         if diff:
-            s.live = new
-            s.path.configure(new)
+            s.configure(new)
             s.publish(ControlChanged(diff, by, s.stream_id, s.next_offset()))
             s.log("info", "live settings changed", by=by, **diff)
         return ControlReply(True, None, self.state())
@@ -130,8 +129,8 @@ class ControlPlane:
         st = s.settings
         s.publish(VoiceSwitch("loading", checkpoint, by=by, stream_id=s.stream_id))
         s.log("info", "loading a voice (the current one keeps converting)", voice=checkpoint, by=by)
-        self.loader.start(spec, checkpoint, by, lambda sp, ck: load_voice(
-            sp, st.backend, st.device, "", st.threads, ck, export=True))
+        self.loader.start(spec, checkpoint, by, lambda sp, ck: s.with_pool(load_voice(
+            sp, st.backend, st.device, "", st.threads, ck, export=True)))
         return ControlReply(True, None, self.state())
 
     def _check_geometry(self, spec: ModelSpec) -> None:

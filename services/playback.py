@@ -107,6 +107,8 @@ class PlaybackService(Service):
         self.receiver = None
         self.monitor_socket = None
         self.connected = False
+        self.listening = False
+        self.session = ""
         self._unconnected_since = time.monotonic()
         self.redials = 0
 
@@ -126,7 +128,10 @@ class PlaybackService(Service):
         # take it too.
         self.sink.recorders = self.recorders + ([_MeterTap(self.meter)] if self.meter else []) + \
             ([self.monitor_out] if self.monitor_out is not None else [])
-        self.receiver = self.open_bus().audio_receiver("audio_out")
+        from services.capture import client_session
+
+        self.session = client_session(self.cfg, getattr(self.args, "session", None))
+        self.receiver = self.open_bus().audio_listener("audio_out", self.session)
         self.watch_rejects(self.receiver)
         for source in (lambda: vars(self.jb.stats), self.sink.counters, *(r.counters for r in self.recorders),
                        lambda: {"redials": self.redials, "received": self.receiver.received}):
@@ -135,7 +140,8 @@ class PlaybackService(Service):
             self.mirror(self.monitor_out.counters)
         address = self.cfg.endpoint("audio_out").connect
         if address.startswith("inproc://"):
-            self.connected = True  # inproc has no connection events; connecting is immediate
+            # inproc has no connection events; connecting is immediate
+            self.connected = self.listening = self.receiver.listen()
         else:
             sock = self.receiver.socket
             self.monitor_socket = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
@@ -154,7 +160,8 @@ class PlaybackService(Service):
         self.sink_started = True
 
     def _watch_connection(self) -> None:
-        """Ready = sink open and the PULL's handshake with inference done (capture waits for it)."""
+        """Ready = sink open, the handshake with inference done and this session asked for
+        (capture waits for it: inference sends a session's audio only to playbacks that asked)."""
         while self.monitor_socket is not None:
             try:
                 ev = recv_monitor_message(self.monitor_socket, zmq.NOBLOCK)
@@ -162,11 +169,14 @@ class PlaybackService(Service):
                 break
             self.connected = ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
             self._unconnected_since = time.monotonic()
+            self.listening = False
+        if self.connected and not self.listening:
+            self.listening = self.receiver.listen()
         if not self.connected and self.monitor_socket is not None \
                 and time.monotonic() - self._unconnected_since > REDIAL_S:
             self._redial()
-        if self.connected != self.ready:
-            self.ready = self.connected
+        if (self.connected and self.listening) != self.ready:
+            self.ready = self.connected and self.listening
             self.log("info", "ready" if self.ready else "inference disconnected")
             self.heartbeat()  # say it now: capture is waiting for it
 
@@ -228,7 +238,7 @@ class PlaybackService(Service):
                 e2e_ns = t_out + s.index * NS_PER_SAMPLE - s.t_capture_ns
                 self.publish(PlaybackChunk(s.stream_id, s.seq, s.offset, round(e2e_ns / 1e6, 3),
                                            round(self.jb.fill_ms, 3), round(s.wait_ns / 1e6, 3),
-                                           round((t_out - res.t_ns) / 1e6, 3)))
+                                           round((t_out - res.t_ns) / 1e6, 3), self.session))
             if res.underruns or res.invented:
                 self.notice("underrun", "underrun", {"underruns": res.underruns, "samples": res.invented}, Underrun,
                             stream_id=self.jb.stream_id, total=self.jb.stats.underruns)
@@ -241,7 +251,8 @@ class PlaybackService(Service):
         if self.sink is None:
             return None
         return PlaybackStatus(self.settings.sink, self.settings.target_ms, round(self.jb.fill_ms, 3),
-                              self.jb.stream_id, self.settings.record or None, **self._output_status())
+                              self.jb.stream_id, self.settings.record or None, **self._output_status(),
+                              session=self.session)
 
     def _output_status(self) -> dict[str, Any]:
         return {**self.sink.status(), **{k: v for r in self.recorders for k, v in r.status().items()}}
@@ -272,6 +283,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="device:NAME-or-INDEX: also play to this device, e.g. headphones (playback.monitor)")
     g.add_argument("--record", metavar="PATH", default=None,
                    help="also write what the sink plays to this WAV file (playback.record)")
+    g.add_argument("--session", default=None, metavar="NAME",
+                   help="the client session to play (capture.session; default: the host name)")
     g.add_argument("--target-ms", type=float, default=None, metavar="MS",
                    help="jitter buffer target: a stream plays this long after its first chunk arrives "
                         "(playback.target_ms)")

@@ -3,7 +3,9 @@
 1. Validates the pipeline config and the options, and turns the options into the
    ``LLVC__SECTION__KEY`` environment overrides every service reads (paths made absolute, since
    the services run from the repository root). Prints the dashboard's URL; when it needs a
-   token and none is set, makes one and hands it to the dashboard in the environment.
+   token and none is set, makes one and hands it to the dashboard in the environment. With
+   ``--session NAME`` (a client of a shared inference server) it adds the overrides that give
+   this run's own binds their own addresses (:mod:`services.run_session`).
 2. Starts ``supervisord -c supervisord.conf`` in its own session (so a terminal's Ctrl-C reaches
    only this process, which then shuts everything down in order), then starts the programs:
    monitor, dashboard, inference, playback, capture.
@@ -27,11 +29,12 @@ import time
 import xmlrpc.client
 from pathlib import Path
 
-from common.config import PipelineConfigError, add_config_arguments
+from common.config import PipelineConfig, PipelineConfigError, add_config_arguments, env_name
 from common.files import write_atomic
 from common.telemetry import Drained, Status
 from models.config import CHECKPOINT_DEFAULT_HELP, CONFIG_DEFAULT_HELP
 from services.base import SETUP_FAILED, read_exit_record
+from services.run_session import SessionError, session_line, session_problem, session_settings
 from services.virtual_mic import OWNER_ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"model config JSON (model.config); {CONFIG_DEFAULT_HELP}")
     p.add_argument("-n", "--chunk-factor", type=int, help="chunk = 13*16*N samples (model.chunk_factor)")
     p.add_argument("--passthrough", action="store_true", help="identity model with the same chunking (model.kind)")
+    p.add_argument("--max-streams", type=int, metavar="N",
+                   help="client sessions the inference server converts at once (inference.max_streams)")
     p.add_argument("--report", help="write the final JSON report here")
     p.add_argument("--until-eof", action="store_true", help="stop once a file source is played out")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -66,6 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated subset to run on this host (default: all: {','.join(START_ORDER)})")
     p.add_argument("--no-dashboard", action="store_true", help="do not start the web dashboard")
     p.add_argument("--run-dir", help="folder for logs and the control socket (default: a new temp folder)")
+    p.add_argument("--session", metavar="NAME",
+                   help="run as client NAME of a shared inference server (capture.session; 1-64 letters, digits, "
+                        "'-', '_', '.'), so that several clients run on one host from one config: the local "
+                        "telemetry endpoints this run's capture, playback and monitor bind move to "
+                        "ipc://RUN_DIR/telemetry_SERVICE.sock, its monitor's /metrics and its dashboard (when "
+                        "started) get free ports (printed), and a bare --sink virtual-mic becomes "
+                        "virtual-mic:llvc_voice_NAME; keys given with --set here are kept as given, and the "
+                        "server's endpoints are never changed")
 
 
 def _abs_path_spec(spec: str | None, prefix: str = "file:") -> str | None:
@@ -83,9 +96,6 @@ def build_environment(args: argparse.Namespace, run_dir: Path) -> dict[str, str]
     config_file = args.pipeline_config or os.environ.get("LLVC_PIPELINE_CONFIG")
     if config_file:
         env["LLVC_PIPELINE_CONFIG"] = str(Path(config_file).resolve())
-    def env_name(key: str) -> str:
-        return "LLVC__" + "__".join(part.upper() for part in key.strip().split("."))
-
     for item in args.set or []:  # --set wins over the caller's environment, as on the command line
         key, _, value = item.partition("=")
         env[env_name(key)] = value  # verbatim: services parse it exactly as --set would
@@ -104,12 +114,43 @@ def build_environment(args: argparse.Namespace, run_dir: Path) -> dict[str, str]
         settings["model.config"] = str(Path(args.model_config).resolve())
     if args.chunk_factor is not None:
         settings["model.chunk_factor"] = args.chunk_factor
+    if args.max_streams is not None:
+        settings["inference.max_streams"] = args.max_streams
     if args.passthrough:
         settings["model.kind"] = "passthrough"
+    if args.session is not None:
+        settings["capture.session"] = args.session
     settings["monitor.report"] = str(run_dir / "report.json")
-    for key, value in settings.items():
-        env[env_name(key)] = json.dumps(value) if isinstance(value, str) and _needs_quotes(value) else str(value)
+    env.update(settings_env(settings))
     return env
+
+
+def settings_env(settings: dict[str, object]) -> dict[str, str]:
+    """The ``LLVC__`` variables that set each dotted key to its value, spelled so that the
+    services read back exactly that value."""
+    return {env_name(key): json.dumps(value) if isinstance(value, str) and _needs_quotes(value) else str(value)
+            for key, value in settings.items()}
+
+
+def load_environment(args: argparse.Namespace, services: list[str],
+                     run_dir: Path) -> tuple[dict[str, str], PipelineConfig, list[str]]:
+    """The services' environment, the config they will load from it, and lines to print.
+
+    :func:`build_environment`, then with ``--session`` the settings that make this run's binds
+    its own (:func:`services.run_session.session_settings`), computed from the config the
+    services would load otherwise and added as overrides. :class:`PipelineConfigError` or
+    :class:`SessionError` (one line) when that cannot be done.
+    """
+    from common.config import load_pipeline_config
+
+    env = build_environment(args, run_dir)
+    cfg = load_pipeline_config(env.get("LLVC_PIPELINE_CONFIG"), env=env)
+    if args.session is None:
+        return env, cfg, []
+    own, notes = session_settings(cfg, services, args.session, run_dir, args.set or ())
+    env.update(settings_env(own))
+    cfg = load_pipeline_config(env.get("LLVC_PIPELINE_CONFIG"), env=env)
+    return env, cfg, [session_line(args.session, own), *(f"llvc run: note: {n}" for n in notes)]
 
 
 def remove_virtual_mic(cfg) -> None:
@@ -342,6 +383,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not services:
         return fail(f"--services: unknown service {unknown[0] if unknown else '(none)'} "
                     f"(known: {', '.join(START_ORDER)})")
+    if args.session is not None and (problem := session_problem(args.session)):
+        return fail(problem)
     if args.until_eof and not (args.source or "").startswith("file:"):
         return fail("--until-eof needs --source file:PATH")
     if args.source and args.source.startswith("file:") and not Path(args.source[5:]).is_file():
@@ -350,21 +393,21 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"{args.checkpoint}: no such checkpoint file")
     run_dir = Path(args.run_dir).resolve() if args.run_dir else Path(tempfile.mkdtemp(prefix="llvc-run-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = build_environment(args, run_dir)
     try:
         # Validate with exactly what the services will see.
-        from common.config import load_pipeline_config
         from common.security import SecurityError, load_keys
         from services.base import model_spec
 
-        cfg = load_pipeline_config(env.get("LLVC_PIPELINE_CONFIG"), env=env)
+        env, cfg, session_lines = load_environment(args, services, run_dir)
         model_spec(cfg)
         dashboard = dashboard_line(cfg, env) if "dashboard" in services else None
         if cfg.security.curve:  # our own telemetry tap needs them too: say so before starting anything
-            load_keys(cfg.security.keys_dir)
-    except (PipelineConfigError, SecurityError) as exc:
+            load_keys(cfg.security.keys_dir, cfg.security.client_key)
+    except (PipelineConfigError, SecurityError, SessionError) as exc:
         return fail(str(exc))
     print(f"llvc run: run folder {run_dir} (logs), services: {', '.join(services)}", flush=True)
+    for line in session_lines:
+        print(line, flush=True)
     if dashboard:
         print(dashboard, flush=True)
     say_default_model(cfg, services)

@@ -67,6 +67,22 @@ def parse_spec(spec: str) -> str | None:
 spec_problem = parsed_by(parse_spec, VirtualMicError)
 
 
+def session_spec(spec: str, session: str) -> str:
+    """The sink ``spec`` of client ``session`` of a shared server (``llvc run --session``): an
+    unnamed microphone (``virtual-mic``) becomes the session's own, ``llvc_voice_<session>`` with
+    '-' and '.' as '_', so that two clients on one host neither share a microphone nor remove each
+    other's when they end; any other spec is returned as it is.
+
+    Raises :class:`VirtualMicError` when that name is too long to be a microphone's."""
+    if spec != PREFIX:
+        return spec
+    name = f"{DEFAULT_NAME}_{re.sub(r'[^A-Za-z0-9_]', '_', session)}"
+    if not _NAME.fullmatch(name):
+        raise VirtualMicError(f"virtual-mic: {name!r}, the session's microphone name, is over 64 characters: "
+                              f"name one, virtual-mic:NAME")
+    return f"{PREFIX}:{name}"
+
+
 def pactl(*args: str, env: dict[str, str] | None = None) -> str:
     """``pactl ARGS``: its stdout, or :class:`VirtualMicError` with one line saying what failed."""
     if shutil.which("pactl") is None:

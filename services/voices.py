@@ -48,6 +48,7 @@ class Voice:
     notes: list[str] = field(default_factory=list)   # warning lines for the log
     load_s: float = 0.0
     warm_step_s: float = 0.0
+    pool: Any = None                   # its stream pool (models/pool.py), once made for a service
 
 
 def load_voice(spec: ModelSpec, backend: str, device: str, artifact: str, threads: int, checkpoint: str = "",

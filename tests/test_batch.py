@@ -135,3 +135,38 @@ def test_bench_streams_puts_one_batched_call_beside_n_single_steps(tmp_path, cap
     assert main(["bench", "--streams", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--streams must be >= 1" in err[0]
+
+
+def test_an_onnx_pool_keeps_each_streams_state_apart(ref_default, ref_default_artifact):
+    """The pool ONNX Runtime sessions use (models/pool.py: one forked engine per slot, the graphs
+    shared): interleaved streams, a reset and a reopened slot each give their own stream."""
+    from models.onnx_engine import OnnxEngine
+    from models.pool import EnginePool, pool_for
+
+    engine = OnnxEngine.load(ref_default_artifact)
+    pool = pool_for(engine, 2)
+    assert isinstance(pool, EnginePool) and not pool.batched
+    signals = inputs(ref_default)[:3]
+    heads, chunks = zip(*(chunked(x, engine) for x in signals))
+    a, b = pool.open(), pool.open()
+    with pytest.raises(SlotsFull):
+        pool.open()
+    pool.prime(a, heads[0])
+    pool.prime(b, heads[1])
+    out = {0: [], 1: [], 2: []}
+    for k in range(10):
+        got = pool.step({a: chunks[0][k], b: chunks[1][k]})
+        out[0].append(got[a])
+        out[1].append(got[b])
+    pool.close(b)  # stream 1 leaves; stream 2 takes its slot, from silence
+    c = pool.open()
+    pool.prime(c, heads[2])
+    for k in range(10):
+        got = pool.step({a: chunks[0][10 + k], c: chunks[2][k]})
+        out[0].append(got[a])
+        out[2].append(got[c])
+    for k in range(3):
+        single = OnnxEngine.load(ref_default_artifact)
+        single.prime(heads[k])
+        want = np.concatenate([single.process(ch) for ch in chunks[k][:len(out[k])]])
+        assert np.abs(np.concatenate(out[k]) - want).max() < SAME, k

@@ -38,6 +38,7 @@ from common.telemetry import Heartbeat
 from models.spec import ModelSpec
 from services.lab.endpoints import private_sets
 from services.lab.harness import LLVC, RunningPipeline
+from services.sessions import session_name
 from test_playback import Playback, noise
 
 CLIP = Path(__file__).resolve().parent / "data" / "1919-142785-0000.wav"
@@ -46,6 +47,7 @@ _G = ModelSpec.resolve(None, None).geometry
 C, HEAD = _G.chunk_len, _G.head_len
 MAX_SAMPLES = 16000           # bus.max_samples in config/pipeline.toml
 FLOOD = 300                   # valid chunks per flood
+SESSION = session_name("")    # the real capture's session (this host's): the floods go for it
 HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}
 # Correctness runs: slack so that a busy machine cannot cost a chunk (latency is not measured).
@@ -100,7 +102,8 @@ def garbage(stream_id: str = "garbage") -> list[bytes]:
 def flood(stream_id: str, first_chunk: int, n: int = FLOOD) -> list[bytes]:
     """``n`` valid chunks of ``stream_id`` on capture's grid, mid-stream (never offset 0)."""
     x = np.random.default_rng(first_chunk).uniform(-0.5, 0.5, C).astype(np.float32)
-    return [encode(AudioChunk(stream_id, k, time.monotonic_ns(), time.time_ns(), x, offset=HEAD + k * C))
+    return [encode(AudioChunk(stream_id, k, time.monotonic_ns(), time.time_ns(), x, offset=HEAD + k * C,
+                              session=SESSION))
             for k in range(first_chunk, first_chunk + n)]
 
 
@@ -166,7 +169,7 @@ def test_hostile_senders_change_nothing_for_the_real_stream(tmp_path):
         # Stream "old" becomes current (its head only: no output reaches playback), then the real
         # capture starts and replaces it: "old" is now a stale stream id.
         hostile.send(encode(AudioChunk("old", 0, time.monotonic_ns(), time.time_ns(),
-                                       np.zeros(HEAD, np.float32))))
+                                       np.zeros(HEAD, np.float32), session=SESSION)))
         assert wait_until(lambda: heartbeat_field(pipe, "inference", "stream_id") == "old", timeout=20)
         pipe.rpc().supervisor.startProcess("capture", False)  # what supervisorctl start does
         pipe.wait_streaming(1.5)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -22,7 +23,7 @@ import soundfile as sf
 import torch
 import zmq
 
-from bus_helpers import endpoint_overrides, make_config, stop_process, wait_until
+from bus_helpers import endpoint_overrides, listen_before_sending, make_config, stop_process, wait_until
 from common.bus import Bus
 from common.protocol import AudioChunk, encode
 from common.telemetry import Event, Heartbeat, InferenceChunk
@@ -85,11 +86,13 @@ class Harness:
         self.closed = False
         self.capture, self.playback, self.tap = Bus(cfg, "capture"), Bus(cfg, "playback"), Bus(cfg, "tap")
         self.tx = self.capture.audio_sender("audio_in")
-        self.rx = self.playback.audio_receiver("audio_out")
+        self.rx = self.playback.audio_listener("audio_out", "")
         self.sub = self.tap.subscriber(endpoints=["telemetry_inference"])
         # The loop is not running yet, so beating from this thread is safe: once one arrives, the
-        # tap is connected (and playback's PULL, made at the same time, too).
+        # tap is connected. Likewise inference's router is read here until it has our listener.
         assert wait_until(lambda: (self.svc.heartbeat(), self.heartbeats())[1], timeout=5)
+        assert wait_until(lambda: (self.rx.listen(), self.svc.router.poll_listeners(),
+                                   self.svc.router.listening(""))[2], timeout=5)
         self._thread = threading.Thread(target=self._run, daemon=True)
         if loop:
             self.start_loop()
@@ -457,9 +460,10 @@ def serve_two_chunks(proc, ov: list[str], inspect=None) -> tuple[list[AudioChunk
     cfg = make_config("tcp", *ov)
     try:
         with Bus(cfg, "capture") as capture, Bus(cfg, "playback") as playback, Bus(cfg, "tap") as tap:
-            tx, rx = capture.audio_sender("audio_in"), playback.audio_receiver("audio_out")
+            tx, rx = capture.audio_sender("audio_in"), playback.audio_listener("audio_out", "")
             sub = tap.subscriber(("heartbeat.",), endpoints=["telemetry_inference"])
             assert wait_until(lambda: isinstance(hb := sub.recv(50), Heartbeat) and hb.ready, timeout=60)
+            listen_before_sending(rx)
             sid = uuid.uuid4().hex
             for c in stream_chunks(np.zeros(2 * C, np.float32), stream_id=sid)[:3]:
                 assert wait_until(lambda: tx.send(c), timeout=5)
@@ -479,3 +483,28 @@ def test_command_converts_warns_when_untrained_and_stops_promptly_on_sigterm():
     assert got[0].stages[-1].model == "llvc-default-untrained-seed0"
     assert proc.returncode == 0 and elapsed < 3.0, (elapsed, err)
     assert "UNTRAINED" in err and " WARNING " in err and "inference INFO stopped" in err
+
+
+# --------------------------------------------------------------------------- sessions
+def test_a_session_beyond_max_streams_is_refused_until_a_silent_one_is_evicted():
+    cfg = config("inference.max_streams=1", "inference.idle_s=0.5")
+    x = np.random.default_rng(5).uniform(-0.5, 0.5, HEAD + 6 * C).astype(np.float32)
+    with Harness(cfg, model_kind="passthrough") as h:
+        for c in stream_chunks(x, stream_id="b-stream")[:3]:  # session "b" takes the one slot
+            h.send(replace(c, session="b"))
+        assert wait_until(lambda: [e.action for e in h.events("session")] == ["opened"], timeout=5)
+        refused = stream_chunks(x, stream_id="mine")[0]  # ours (session ""): refused while "b" holds it
+        h.send(refused)
+        assert h.counters(dropped_refused_session=1)["sessions_opened"] == 1
+        assert wait_until(lambda: any(e.action == "refused" for e in h.events("session")), timeout=5)
+        ev = next(e for e in h.events("session") if e.action == "refused")
+        assert (ev.session, ev.sessions, ev.max_streams) == ("", 1, 1) and "all 1 stream slots" in ev.reason
+        # "b" falls silent: evicted after idle_s, and its slot is ours.
+        assert wait_until(lambda: any(e.action == "evicted" for e in h.events("session")), timeout=5)
+        assert next(e for e in h.events("session") if e.action == "evicted").session == "b"
+        h.feed_paced(stream_chunks(x, stream_id="mine"))
+        counters = h.counters(sessions_evicted=1, sessions_opened=2)
+    assert counters["dropped_foreign_session"] == 0
+    y = place([c for c in h.outputs if c.stream_id == "mine"])
+    assert all(c.session == "" for c in h.outputs)  # nothing of "b" reached session ""'s listener
+    assert np.array_equal(y[:len(x)], x)

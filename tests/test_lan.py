@@ -198,7 +198,8 @@ def test_two_hosts_with_curve_end_to_end_real_model(tmp_path):
     assert lp.report is not None and lp.report["model"]["untrained"] is False
 
 
-FAULTS = ["loss 5%", "loss 20%", "link down 2 s", "relay 5±3 ms"]
+# Loss at 20 % only (5 % behaved the same, a milder case of it; dropped to keep the suite's time).
+FAULTS = ["loss 20%", "link down 2 s", "relay 5±3 ms"]
 
 
 @pytest.mark.timeout(120)

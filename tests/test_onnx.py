@@ -18,7 +18,9 @@ from models.streaming import StreamingEngine  # noqa: E402
 from services.cli import main as llvc_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CHUNK_FACTORS = (1, 2, 4)
+# The ends of the range (each exports an artifact, ~10 s); tests/test_streaming.py covers every
+# chunk factor of the eager step, whose math the graph is.
+CHUNK_FACTORS = (1, 4)
 
 
 @pytest.fixture(scope="module")

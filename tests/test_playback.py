@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from bus_helpers import endpoint_overrides, flat, wait_until
+from bus_helpers import InferenceStandIn, endpoint_overrides, flat, wait_until
 from common.bus import Bus
 from common.config import load_pipeline_config
 from common.protocol import AudioChunk
@@ -31,7 +31,7 @@ class Playback:
         overrides = [*endpoint_overrides("tcp"), *sets]
         self.cfg = load_pipeline_config(env={}, overrides=overrides)
         self.bus = Bus(self.cfg, "inference")
-        self.sender = self.bus.audio_sender("audio_out") if bind else None
+        self.sender = InferenceStandIn(self.bus) if bind else None
         self.listener = Bus(self.cfg, "monitor")
         self.sub = self.listener.subscriber(endpoints=["telemetry_playback"])
         self.messages: list = []
@@ -221,7 +221,7 @@ def test_ready_only_once_inference_is_there_and_sigterm_leaves_a_valid_file(tmp_
     try:
         assert wait_until(lambda: pb.of("heartbeat"), timeout=20), pb.logs()
         assert not any(h["ready"] for h in pb.of("heartbeat"))  # sink open, but no inference yet
-        pb.sender = pb.bus.audio_sender("audio_out")
+        pb.sender = InferenceStandIn(pb.bus)
         pb.wait_ready()
         sig = noise(10, seed=3)
         pb.send_stream(sig)  # a live stream: no source_end, so only the shutdown ends the file

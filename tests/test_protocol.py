@@ -40,7 +40,7 @@ from common.protocol import (
 from common.telemetry import AudioHeader
 
 # No example database: the suite leaves no .hypothesis/ folder behind.
-FUZZ = settings(max_examples=1500, deadline=None, database=None,
+FUZZ = settings(max_examples=800, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -27,12 +27,14 @@ RECORDS = [
     ("monitor", T.Heartbeat(True, 3.0, {"rejected": 1}, T.MonitorStatus(42))),
     ("dashboard", T.Heartbeat(True, 3.0, {}, {"clients": 2})),  # a service this version has no status for
     ("inference", T.InferenceChunk("s1", 3, 640, 1.25, 10.4, 0.5, False)),
+    ("inference", T.InferenceChunk("s1", 4, 848, 1.25, 10.4, 0.5, False, "alice", 3)),
     ("playback", T.PlaybackChunk("s1", 3, 640, 22.1, 4.0)),
     ("playback", T.AudioHeader.of(AudioChunk("s1", 3, 5, 6, np.zeros(208, np.float32), offset=640,
                                              stages=(StageRecord("inference", "h", 1, 2, 3, "m", True),)), 7)),
     ("capture", T.StreamStart("s1", source="tone", chunk_len=208, head_len=16, sample_rate=16000)),
     ("playback", T.StreamStart("s1", 16, seq=1, target_ms=6.0)),
     ("inference", T.Reset("s1", T.ResetReason.GAP, 2096)),
+    ("inference", T.Reset("s2", T.ResetReason.GAP, 2096, "bob")),
     ("inference", T.Reset(None, T.ResetReason.NEW_STREAM, 0)),
     ("capture", T.Eof("s1", 9600)),
     ("playback", T.Drained("s1", 9600)),
@@ -50,6 +52,8 @@ RECORDS = [
     ("inference", T.ControlChanged({"bypass": True, "input_gain_db": -6.0}, "local", "s1", 4176)),
     ("inference", T.VoiceSwitch("swapped", "models/demo_voice.pth", "llvc-demo", "client", "s1", 8336, 172.3)),
     ("inference", T.VoiceSwitch("failed", "x.pth", by="local", reason="x.pth: not a loadable PyTorch checkpoint")),
+    ("inference", T.SessionChange("opened", "alice", 1, 8)),
+    ("inference", T.SessionChange("refused", "carol", 2, 2, "all 2 stream slots are in use", 12)),
 ]
 
 

@@ -62,14 +62,17 @@ def cold_start(chunk_factor: int = 1, threads: int = 1, checkpoint=None, config=
     result: dict = {"command": f"llvc inference -n {chunk_factor} --threads {threads} {' '.join(extra)}".strip()}
     try:
         with Bus(cfg, "capture") as capture, Bus(cfg, "playback") as playback:
-            tx, rx = capture.audio_sender("audio_in"), playback.audio_receiver("audio_out")
-            seq, offset, got = 0, 0, None
+            tx, rx = capture.audio_sender("audio_in"), playback.audio_listener("audio_out", "")
+            seq, offset, got, listening = 0, 0, None, False
             deadline = time.perf_counter() + timeout
             while got is None and time.perf_counter() < deadline and proc.poll() is None:
                 n = geometry.head_len if seq == 0 else geometry.chunk_len
                 c = AudioChunk(sid, seq, time.monotonic_ns(), time.time_ns(),
                                (rng.standard_normal(n) * 0.01).astype(np.float32), offset=offset)
-                if tx.send(c):
+                # Audio only once playback's request for it is out: inference sends a session's
+                # output only to playbacks that asked (and drops it, not queues it, before that).
+                listening = listening or rx.listen()
+                if listening and tx.send(c):
                     seq, offset = seq + 1, offset + n
                 got = rx.recv(5)
             first_s = time.perf_counter() - t0

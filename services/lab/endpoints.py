@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import tempfile
 
 from common.config import REQUIRED_ENDPOINTS
+from services import run_session
 
 _ipc_counter = itertools.count()
 _handed_out: set[int] = set()
@@ -15,9 +15,7 @@ _handed_out: set[int] = set()
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago, never the same one twice in a process."""
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = run_session.free_port("127.0.0.1")
         if port not in _handed_out:
             _handed_out.add(port)
             return port

@@ -34,15 +34,17 @@ from common.telemetry import (
     InferenceChunk,
     InferenceStatus,
     PlaybackChunk,
+    PlaybackStatus,
     Record,
 )
-from services.stats import CounterLedger, Series
+from services.stats import CounterLedger, LogHistogram, Series
 
 __all__ = ["Stats", "Buckets", "BucketCounts", "MAX_EVENT_KINDS", "E2E_QS", "E2E_BUCKETS_MS",
            "INFERENCE_BUCKETS_MS", "HISTOGRAMS"]
 
 E2E_QS = (0.5, 0.95, 0.99)
 MAX_EVENT_KINDS = 256   # distinct (service, event) names counted; more are ignored
+MAX_SESSIONS = 256      # client sessions followed one by one; more are counted only in the totals
 SERIES = ("e2e_ms", "proc_ms", "rtf", "queue_chunks", "fill_ms")
 
 #: Upper bounds (ms, inclusive) of the end-to-end latency histogram. 1 ms apart where the
@@ -120,6 +122,11 @@ class Stats:
         self.inference: InferenceStatus | None = None
         self.events: dict[str, int] = {}
         self.chunks = 0
+        #: Per client session (issue 18): e2e over the whole run and chunk counts from playback's
+        #: chunk records, the latest counters of each playback process by session.
+        self.session_e2e: dict[str, LogHistogram] = {}
+        self.session_chunks: dict[str, int] = {}
+        self.playback_counters: dict[tuple[str, str, int], dict[str, int]] = {}
 
     # ------------------------------------------------------------------ records in
     def add(self, record: Record, now: float) -> None:
@@ -130,6 +137,10 @@ class Stats:
                 self.series["e2e_ms"].add(record.e2e_ms, now)
                 self.buckets["e2e_ms"].add(record.e2e_ms)
                 self.series["fill_ms"].add(record.fill_ms, now)
+                s = record.session
+                if s is not None and (s in self.session_e2e or len(self.session_e2e) < MAX_SESSIONS):
+                    self.session_e2e.setdefault(s, LogHistogram()).add(record.e2e_ms)
+                    self.session_chunks[s] = self.session_chunks.get(s, 0) + 1
             case InferenceChunk():
                 self.series["proc_ms"].add(record.proc_ms, now)
                 self.buckets["proc_ms"].add(record.proc_ms)
@@ -139,6 +150,10 @@ class Stats:
                 self.ledger.update(record.service, record.host, record.pid, record.counters, record.uptime_s)
                 if isinstance(record.status, InferenceStatus):
                     self.inference = record.status
+                elif isinstance(record.status, PlaybackStatus) and record.status.session is not None:
+                    key = (record.status.session, record.host, record.pid)
+                    if key in self.playback_counters or len(self.playback_counters) < MAX_SESSIONS:
+                        self.playback_counters[key] = record.counters
             case Event():
                 key = f"{record.service}.{record.name}"
                 if key in self.events or len(self.events) < MAX_EVENT_KINDS:
@@ -177,6 +192,25 @@ class Stats:
     def histograms(self) -> dict[str, BucketCounts]:
         """The whole-run bucket counts of each series in :data:`HISTOGRAMS`, as copies."""
         return {k: b.snapshot() for k, b in self.buckets.items()}
+
+    def sessions(self) -> dict[str, dict[str, Any]]:
+        """Per client session: chunks played, e2e quantiles, underruns and drops of its playback
+        processes, and what inference counts for it (its latest heartbeat)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, hist in self.session_e2e.items():
+            p50, p95, p99 = hist.quantiles(list(E2E_QS))
+            out[name] = {"chunks": self.session_chunks[name], "e2e_latency_ms": {"p50": p50, "p95": p95, "p99": p99}}
+        for (name, _, _), counters in self.playback_counters.items():
+            entry = out.setdefault(name, {"chunks": 0})
+            entry["underruns"] = entry.get("underruns", 0) + counters.get(Counter.UNDERRUNS, 0)
+            drops = entry.setdefault("playback_dropped", {})
+            for k, v in counters.items():
+                if k.startswith(DROPPED_PREFIX):
+                    drops[k[len(DROPPED_PREFIX):]] = drops.get(k[len(DROPPED_PREFIX):], 0) + v
+        for s in (self.inference.sessions or []) if self.inference is not None else []:
+            if isinstance(s, dict) and isinstance(s.get("name"), str) and (s["name"] in out or len(out) < MAX_SESSIONS):
+                out.setdefault(s["name"], {"chunks": 0})["inference"] = s.get("counters")
+        return out
 
     def rtf(self, mean_proc_ms: float | None, mean_rtf: float | None) -> float | None:
         """Chunk duration / mean step time: a ratio of means rather than a mean of per-chunk

@@ -117,6 +117,10 @@ def take_snapshot(now: float, stats: Stats, liveness: Liveness, overload: Overlo
         "overload": overload.summary(now),
         "rejected": rejected,
         "counters": stats.counters(),
+        # Per client session (issue 18), and how many sessions each of inference's batched
+        # steps converted.
+        "sessions": stats.sessions(),
+        "batch_sizes": (m.batch_sizes or {}) if m else {},
         "events": dict(sorted(stats.events.items())),
         "window": {"window_s": stats.window_s, **window},
         "status_line": status,
