@@ -447,3 +447,25 @@ def test_the_state_carries_the_live_settings_from_heartbeats_and_events():
     assert "bypass=on (by local from sample 24960)" in texts
     assert any(t.startswith("loading /v/a.pth") for t in texts)
     json.dumps(full, allow_nan=False)
+
+
+def test_the_sessions_table_shows_each_sessions_own_figures():
+    st = DashboardState(10.0, 3, 0.25)
+    status = T.InferenceStatus("eager", "model-x", False, "llvc", "cpu", 1, "s", 208, 13.0, 15.0, 14.0, 1,
+                               sessions=[{"name": "alice", "stream_id": "a", "slot": 0,
+                                          "counters": {"chunks_in": 10, "dropped_inference_backlog": 2, "resets": 1}},
+                                         {"name": "bob", "stream_id": "b", "slot": 1, "counters": {"resets": 1}}],
+                               max_streams=4, batch_sizes={"1": 5, "2": 7})
+    st.add(T.Heartbeat(True, 1.0, {"resets": 2}, status, origin=origin("inference")), 0.0, 1000.0)
+    for k, e2e in enumerate((20.0, 22.0, 24.0)):  # alice's playback on this host
+        st.add(T.PlaybackChunk("a", k, k * 208, e2e, 6.0, session="alice", origin=origin("playback")), 0.1, 1000.1)
+    pb = T.PlaybackStatus("null", 6.0, 5.0, "a", session="alice")
+    st.add(T.Heartbeat(True, 1.0, {"underruns": 3, "dropped_late": 1}, pb, origin=origin("playback")), 0.2, 1000.2)
+    _, doc = st.update(0.3, 1000.3, full=True)
+    json.dumps(doc, allow_nan=False)
+    rows = {r["name"]: r for r in doc["compute"]["sessions"]}
+    assert list(rows) == ["alice", "bob"]
+    assert rows["alice"]["chunks"] == 3 and 21.0 <= rows["alice"]["e2e_p50_ms"] <= 23.0
+    assert (rows["alice"]["underruns"], rows["alice"]["dropped"], rows["alice"]["resets"]) == (3, 3, 1)
+    assert rows["bob"]["chunks"] == 0 and rows["bob"]["e2e_p50_ms"] is None and rows["bob"]["underruns"] is None
+    assert doc["compute"]["max_streams"] == 4 and doc["compute"]["batch_sizes"] == {"1": 5, "2": 7}

@@ -18,6 +18,7 @@ import pytest
 from common.telemetry import Heartbeat
 from services.lab.endpoints import private_sets
 from services.lab.harness import RunningPipeline
+from services.sessions import session_name
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make setup as root)")
@@ -87,6 +88,12 @@ def test_the_page_shows_a_live_pipeline_and_costs_it_nothing(tmp_path):
             assert len(chunks) >= 100 and worst <= 0.5 and state["breakdown"]["clock"] == "shared"
             assert all(c[2] == floor for c in chunks) and floor == state["health"]["model"]["latency_ms"]
             assert state["sound"]["input"]["rms_dbfs"] > -40  # the 0.1 tone: -23 dBFS
+            # The one session (this host's), with its chunks, as the page draws it.
+            session = session_name("")
+            rows = page.eval_on_selector_all("#sessions-body tr", "rs => rs.map(r => r.innerText)")
+            print(f"sessions table: {rows}")
+            assert [s["name"] for s in state["compute"]["sessions"]] == [session]
+            assert len(rows) == 1 and rows[0].split()[0] == session and state["compute"]["batch_sizes"]
             page.screenshot(path=str(tmp_path / "dashboard.png"))
             assert (tmp_path / "dashboard.png").stat().st_size > 20_000
 

@@ -336,10 +336,27 @@ class DashboardState:
         inf = window["inference_ms"]
         last_queue = self.steps.points[-1][2] if self.steps.points else None
         pb = self.playback
+        m = self.stats.inference
         return {"inference_ms": {k: _r(inf[k]) for k in ("p50", "p95", "mean")}, "rtf": _r(window["rtf"], 2),
                 "histogram": {"edges_ms": list(HIST_EDGES_MS), "counts": [int(c) for c in counts]},
                 "queue": {"inference_chunks": last_queue, "playback_fill_ms": pb.fill_ms if pb else None,
-                          "playback_target_ms": pb.target_ms if pb else None}}
+                          "playback_target_ms": pb.target_ms if pb else None},
+                "sessions": self._sessions(),
+                "max_streams": m.max_streams if m else None,
+                "batch_sizes": dict((m.batch_sizes or {}) if m else {})}
+
+    def _sessions(self) -> list[dict[str, Any]]:
+        """One row per client session (issue 18), by name: what the monitor's report says of it."""
+        rows = []
+        for name, s in sorted(self.stats.sessions().items()):
+            e2e, inf = s.get("e2e_latency_ms") or {}, s.get("inference") or {}
+            inf = inf if isinstance(inf, dict) else {}
+            dropped = sum(v for k, v in inf.items() if k.startswith("dropped_") and isinstance(v, int)) + \
+                sum(v for v in (s.get("playback_dropped") or {}).values() if isinstance(v, int))
+            rows.append({"name": name, "chunks": s.get("chunks", 0), "e2e_p50_ms": _r(e2e.get("p50")),
+                         "e2e_p99_ms": _r(e2e.get("p99")), "underruns": s.get("underruns"), "dropped": dropped,
+                         "resets": inf.get(Counter.RESETS)})
+        return rows
 
     def _recent_parts(self, wall: float) -> dict[str, float | None]:
         recent = [p[2:] for p in self.parts.points if p[0] >= wall - self.window_s]

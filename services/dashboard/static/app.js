@@ -458,6 +458,36 @@
     setText($('jb-text'), fmt(fill, 1) + ' / ' + fmt(target, 1, ' ms'));
     const edges = arr(obj(c.histogram).edges_ms);
     setText($('hist-note'), edges.length > 1 ? '(last bin ≥ ' + edges[edges.length - 2] + ' ms)' : '');
+    renderSessions(c);
+  }
+
+  function renderSessions(c) {          // one row per client session; batch sizes in the note
+    const body = $('sessions-body'), rows = arr(c.sessions).filter(s => s && typeof s.name === 'string');
+    const sig = rows.map(s => s.name).join('\u0001');
+    if (body._sig !== sig) {
+      body._sig = sig;
+      body.replaceChildren(...(rows.length ? rows.map(s => {
+        const tr = h('tr');
+        tr.append(h('td', null, s.name || '(unnamed)'), h('td', 'r num'), h('td', 'r num'), h('td', 'r num'),
+                  h('td', 'r num'), h('td', 'r num'));
+        return tr;
+      }) : [(() => { const tr = h('tr'); tr.appendChild(h('td', 'dim', 'none yet')); return tr; })()]));
+    }
+    rows.forEach((s, i) => {
+      const td = body.children[i].children;
+      setText(td[1], count(s.chunks));
+      setText(td[2], fmt(s.e2e_p50_ms, 1, ' ms'));
+      setText(td[3], fmt(s.e2e_p99_ms, 1, ' ms'));
+      setText(td[4], isNum(s.underruns) ? count(s.underruns) : '–');
+      setClass(td[4], 'warn', s.underruns > 0);
+      setText(td[5], count(s.dropped));
+      setClass(td[5], 'warn', s.dropped > 0);
+    });
+    const sizes = obj(c.batch_sizes), keys = Object.keys(sizes).sort((a, b) => a - b);
+    const steps = keys.reduce((n, k) => n + (isNum(sizes[k]) ? sizes[k] : 0), 0);
+    const mean = steps ? keys.reduce((n, k) => n + Number(k) * (isNum(sizes[k]) ? sizes[k] : 0), 0) / steps : null;
+    setText($('sessions-note'), (isNum(c.max_streams) ? rows.length + ' of ' + c.max_streams : '') +
+            (mean !== null ? ' · ' + toFixedEven(mean, 2) + ' per step' : ''));
   }
 
   const meters = {};
