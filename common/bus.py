@@ -234,8 +234,9 @@ class AudioRouter:
 
     :meth:`poll_listeners` reads the playbacks' requests (malformed ones are rejected and counted);
     :meth:`send` sends a chunk to every live listener of its session, never blocking: a
-    listener whose queue is full loses the chunk (a counted drop), one whose connection is gone
-    is forgotten at once (``ROUTER_MANDATORY``), and one silent for :data:`LISTEN_TIMEOUT_S` too.
+    listener whose queue is full loses the chunk, one whose connection is gone is forgotten at
+    once (``ROUTER_MANDATORY``), and one silent for :data:`LISTEN_TIMEOUT_S` too. :attr:`sent`
+    and :attr:`dropped` count chunks: those at least one listener got, and the others.
     With CURVE, a chunk goes only to listeners that authenticated with the session's key.
     """
 
@@ -281,15 +282,13 @@ class AudioRouter:
             try:
                 self.socket.send_multipart([rid, data], zmq.NOBLOCK)
             except zmq.Again:  # its queue is full: drop, never wait
-                self.dropped += 1
                 continue
             except zmq.ZMQError:  # EHOSTUNREACH: its connection is gone
                 del self.listeners[rid]
                 continue
-            self.sent += 1
             got = True
-        if not got:
-            self.dropped += 1
+        self.sent += got
+        self.dropped += not got
         return got
 
 

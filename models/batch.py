@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .engine import SlotsFull
+from .engine import SlotsFull, free_slot
 from .geometry import StreamGeometry
 from .llvc import LLVC
 from .streaming import step_tensor
@@ -62,9 +62,7 @@ class BatchedEngine:
 
     def open(self) -> int:
         """Admit a stream: its slot, state zeroed (raises :class:`SlotsFull`)."""
-        free = next((s for s in range(self.slots) if s not in self._open), None)
-        if free is None:
-            raise SlotsFull(f"all {self.slots} stream slots are in use")
+        free = free_slot(self._open, self.slots)
         with torch.inference_mode():
             for buf in self._state:
                 buf[free].zero_()

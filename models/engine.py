@@ -49,6 +49,15 @@ class SlotsFull(RuntimeError):
     """Every slot of a stream pool holds a stream (:mod:`models.pool`): it cannot admit another."""
 
 
+def free_slot(taken, slots: int) -> int:
+    """The lowest of ``range(slots)`` not in ``taken`` (raises :class:`SlotsFull`): the slot a
+    stream pool gives the next stream it admits."""
+    free = next((s for s in range(slots) if s not in taken), None)
+    if free is None:
+        raise SlotsFull(f"all {slots} stream slots are in use")
+    return free
+
+
 class EngineBase:
     """Shared by the engines: the geometry's numbers as attributes, and :meth:`convert`.
 

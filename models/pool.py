@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import SlotsFull
+from .engine import SlotsFull, free_slot
 
 __all__ = ["EnginePool", "SlotsFull", "pool_for"]
 
@@ -47,9 +47,7 @@ class EnginePool:
 
     def open(self) -> int:
         """Admit a stream: its slot, state reset (raises :class:`SlotsFull`)."""
-        free = next((s for s in range(self.slots) if s not in self._open), None)
-        if free is None:
-            raise SlotsFull(f"all {self.slots} stream slots are in use")
+        free = free_slot(self._open, self.slots)
         if free not in self._engines:
             self._engines[free] = self._engines[0].fork()
         self._engines[free].reset()
