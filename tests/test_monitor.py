@@ -32,11 +32,13 @@ from common.telemetry import (
     Origin,
     OtherEvent,
     PlaybackChunk,
+    PlaybackStatus,
     Record,
     make_message,
 )
 from services.monitor import MonitorService
-from services.monitor.ingest import MAX_EVENT_KINDS, Stats
+from services.monitor.ingest import MAX_EVENT_KINDS, MAX_SESSIONS, Stats
+from services.monitor.report import STATUS_SESSIONS, sessions_part
 from services.stats import CounterLedger, LogHistogram, OverloadWatch
 
 LLVC = Path(sys.executable).parent / "llvc"
@@ -393,6 +395,95 @@ def test_metrics_served_from_a_private_registry(fakes):
     assert samples[("llvc_model_algorithmic_latency_ms", ())] == 14.0
     assert samples[("llvc_device_flags_total", (("flag", "output_underflow"),))] == 0
     assert not any(name.startswith(("python_", "process_")) for name, _ in samples)  # not the global registry
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """The monitor's /metrics over HTTP, parsed: ``{(sample name, sorted labels): value}``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_each_session_has_its_own_metrics_and_status_line_part(fakes):
+    port = free_port()
+    cfg = make_config("tcp", f"monitor.metrics_port={port}", "monitor.status_interval_s=0.2")
+    inference, playback = fakes(cfg, "inference", "playback")
+    lbus, events = listener(cfg)
+    try:
+        with Monitor(cfg) as mon:
+            inference.connect(mon)
+            playback.connect(mon)
+            # One session (alice's playback, pid 601): the status line is as it always was.
+            for i, ms in enumerate((10.0, 20.0, 30.0)):
+                playback.publish(PlaybackChunk("a", i, 16 + 208 * i, ms, 4.0, session="alice"), 601)
+            playback.heartbeat(601, {"underruns": 1, "dropped_late": 2},
+                               status=PlaybackStatus("null", 6.0, 4.0, "a", session="alice"))
+            one = wait_event(events, lambda r: r.name == "status" and "underruns 1" in r.line).line
+            assert one.endswith("| capture — inference — playback ok"), one
+            # Bob's playback (pid 602), with other latencies and underruns; inference reports
+            # its counters for alice, bob and carol, who has no playback here.
+            for i, ms in enumerate((40.0, 50.0, 60.0)):
+                playback.publish(PlaybackChunk("b", i, 16 + 208 * i, ms, 4.0, session="bob"), 602)
+            playback.heartbeat(602, {"underruns": 5, "dropped_overflow": 3},
+                               status=PlaybackStatus("null", 6.0, 4.0, "b", session="bob"))
+            inference.heartbeat(500, {"resets": 3, "dropped_stale_stream": 1, "dropped_duplicate": 4},
+                                status=inference_status(chunk_len=208, chunk_ms=13.0, max_streams=4,
+                                                        batch_sizes={"1": 5, "2": 7}, sessions=[
+                {"name": "alice", "stream_id": "a", "slot": 0, "counters": {"resets": 2, "dropped_stale_stream": 1}},
+                {"name": "bob", "stream_id": "b", "slot": 1, "counters": {"resets": 0, "dropped_duplicate": 4}},
+                {"name": "carol", "stream_id": "c", "slot": 2, "counters": {"resets": 1, "odd": "x"}}]))
+            line = wait_event(events, lambda r: r.name == "status" and "sessions 3" in r.line
+                              and "u5" in r.line).line
+            samples = scrape(port)
+    finally:
+        lbus.close()
+    # Whole run per session (a log histogram, within 0.05 %): alice p50 20, p99 29.8; bob 50, 59.8.
+    # Worst first: bob has the most underruns; carol, with nothing measured here, last.
+    assert line == ("e2e p50 35.0 p99 59.5 ms | inf — ms rtf — | underruns 6 drops 10 resets 3 | "
+                    "capture — inference ok playback ok | "
+                    "sessions 3: bob 50.0/59.8 ms u5, alice 20.0/29.8 ms u1, carol —/— ms u—")
+
+    def family(name: str) -> dict[tuple, float]:
+        return {labels: v for (n, labels), v in samples.items() if n == name}
+
+    assert family("llvc_session_chunks_total") == {(("session", "alice"),): 3, (("session", "bob"),): 3,
+                                                   (("session", "carol"),): 0}
+    assert family("llvc_session_underruns_total") == {(("session", "alice"),): 1, (("session", "bob"),): 5}
+    assert family("llvc_session_resets_total") == {(("session", "alice"),): 2, (("session", "bob"),): 0,
+                                                   (("session", "carol"),): 1}
+    assert family("llvc_session_dropped_total") == {
+        (("cause", "late"), ("session", "alice")): 2, (("cause", "stale_stream"), ("session", "alice")): 1,
+        (("cause", "overflow"), ("session", "bob")): 3, (("cause", "duplicate"), ("session", "bob")): 4}
+    e2e = {(dict(k)["session"], dict(k)["quantile"]): v for k, v in family("llvc_session_e2e_latency_ms").items()}
+    assert set(e2e) == {(s, q) for s in ("alice", "bob") for q in ("0.5", "0.95", "0.99")}  # carol: no data
+    for (session, q), want in {("alice", "0.5"): 20.0, ("alice", "0.99"): 29.8, ("bob", "0.5"): 50.0,
+                               ("bob", "0.95"): 59.0, ("bob", "0.99"): 59.8}.items():
+        assert e2e[session, q] == pytest.approx(want, rel=6e-4), (session, q)
+    assert family("llvc_inference_batches_total") == {(("size", "1"),): 5, (("size", "2"),): 7}
+    assert samples[("llvc_underruns_total", ())] == 6  # the totals are still all sessions'
+
+
+def test_sessions_part_names_the_worst_few_then_counts_the_rest():
+    sessions = {f"s{i}": {"chunks": 1, "e2e_latency_ms": {"p50": 20.0 + i, "p99": 25.0 + i}, "underruns": 0}
+                for i in range(STATUS_SESSIONS + 2)}
+    sessions["s0"]["underruns"] = 2
+    assert sessions_part(sessions) == ("sessions 6: s0 20.0/25.0 ms u2, s5 25.0/30.0 ms u0, "
+                                       "s4 24.0/29.0 ms u0, s3 23.0/28.0 ms u0, +2 more")
+
+
+def test_sessions_are_bounded_whatever_names_arrive():
+    stats = Stats(window_s=10.0)
+    for i in range(MAX_SESSIONS):
+        stats.add(PlaybackChunk("s", 0, 16, 20.0, 4.0, session=f"p{i}", origin=Origin("playback", "h", 1, 0, 0)), 0.0)
+    # One more name from each source: playback's chunks, its heartbeat, inference's list.
+    stats.add(PlaybackChunk("s", 1, 16, 20.0, 4.0, session="late", origin=Origin("playback", "h", 1, 0, 0)), 0.0)
+    stats.add(Heartbeat(True, 1.0, {"underruns": 1}, PlaybackStatus("null", 6.0, 4.0, "s", session="beat"),
+                        origin=Origin("playback", "h", 2, 0, 0)), 0.0)
+    stats.add(Heartbeat(True, 1.0, {}, inference_status(sessions=[{"name": "inf", "counters": {}}]),
+                        origin=Origin("inference", "h", 3, 0, 0)), 0.0)
+    sessions = stats.sessions()
+    assert len(sessions) == MAX_SESSIONS and not {"late", "beat", "inf"} & set(sessions)
 
 
 def test_unknown_event_names_are_counted_but_bounded():

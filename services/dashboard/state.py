@@ -68,7 +68,7 @@ from common.telemetry import (
     VoiceSwitch,
 )
 from services.monitor.health import DeviceFlags, Liveness, Overload
-from services.monitor.ingest import Stats
+from services.monitor.ingest import Stats, session_dropped
 
 __all__ = ["PARTS", "HIST_EDGES_MS", "DashboardState", "breakdown"]
 
@@ -350,9 +350,7 @@ class DashboardState:
         rows = []
         for name, s in sorted(self.stats.sessions().items()):
             e2e, inf = s.get("e2e_latency_ms") or {}, s.get("inference") or {}
-            inf = inf if isinstance(inf, dict) else {}
-            dropped = sum(v for k, v in inf.items() if k.startswith("dropped_") and isinstance(v, int)) + \
-                sum(v for v in (s.get("playback_dropped") or {}).values() if isinstance(v, int))
+            dropped = sum(session_dropped(s).values())
             rows.append({"name": name, "chunks": s.get("chunks", 0), "e2e_p50_ms": _r(e2e.get("p50")),
                          "e2e_p99_ms": _r(e2e.get("p99")), "underruns": s.get("underruns"), "dropped": dropped,
                          "resets": inf.get(Counter.RESETS)})

@@ -18,6 +18,10 @@ typed records (:mod:`common.telemetry`) and keeps:
   ``rejected`` per service, and every ``dropped_<cause>`` as ``dropped[cause]``. A restarted
   service never double counts nor loses the old process's counts; a restarted monitor starts
   from zero.
+* **Per client session** (``Stats.sessions``, at most ``ingest.MAX_SESSIONS`` names): chunks
+  played and whole-run e2e quantiles from the ``session`` of ``chunk.playback``, underruns and
+  drops of the playback that plays it, and inference's counters for it; and inference's batch
+  sizes (``/metrics``: ``llvc_session_*{session}`` and ``llvc_inference_batches{size}``).
 * **Event counts** per ``<service>.<event>``, names this version does not know included.
 * **Model info** from inference's heartbeat status.
 * **Liveness** per service (:mod:`.health`) from heartbeats (time of arrival on the monitor's
@@ -36,7 +40,9 @@ typed records (:mod:`common.telemetry`) and keeps:
   ``llvc_device_flags{flag}``; the report's ``device_flags`` has each flag's total and events.
 
 Every ``status_interval_s`` one line (rolling window, :mod:`.report`) is logged and published as
-``event.monitor {"event": "status", "line"}``; ``inf`` there is the p50 of ``proc_ms``.
+``event.monitor {"event": "status", "line"}``; ``inf`` there is the p50 of ``proc_ms``. Once
+more than one client session has been seen, the line ends with each one's whole-run e2e p50/p99
+and underruns (:func:`.report.sessions_part`).
 Prometheus metrics (:mod:`.metrics`) are served on ``metrics_host:metrics_port`` unless the port
 is 0: the rolling figures as gauges with a ``quantile`` label, the counters, and the two whole-run
 histograms, whose ``histogram_quantile()`` aggregates across hosts and time;
@@ -205,15 +211,15 @@ class MonitorService(Service):
         notes += self.liveness.check(now)
         notes += self.overload.check(now, stats.chunk_ms, stats.total(Counter.DROPPED_INFERENCE_BACKLOG))
         notes += self.device_flags.check(stats.ledger)
-        window = None
+        window = sessions = None
         if now >= self._next_status:
             self._next_status = now + self.settings.status_interval_s
-            window = stats.figures(now, whole=False)
+            window, sessions = stats.figures(now, whole=False), stats.sessions()
             self.status_line = status_line(window, self.overload.overloaded, stats.totals(),
-                                           sum(stats.dropped().values()), self.liveness.states())
+                                           sum(stats.dropped().values()), self.liveness.states(), sessions)
         # Before anything is published: whoever sees an event finds it in the report.
         if notes or window is not None or now >= self._next_snapshot:
-            self._take_snapshot(now, window)
+            self._take_snapshot(now, window, sessions)
         for note in notes:
             self.log(note.level, note.message, **note.fields)
             if note.event is not None:
@@ -254,14 +260,15 @@ class MonitorService(Service):
                      last=self.last_handle_error)
             self._logged_errors = errors
 
-    def _take_snapshot(self, now: float, window: dict[str, Any] | None = None) -> None:
+    def _take_snapshot(self, now: float, window: dict[str, Any] | None = None,
+                       sessions: dict[str, dict[str, Any]] | None = None) -> None:
         """Build and publish (one reference assignment) a new :class:`~.report.Snapshot`."""
         self._next_snapshot = now + SNAPSHOT_INTERVAL_S
         own_rejected = self._sub.rejected if self._sub is not None else 0
         self.snapshot = take_snapshot(now, self.stats, self.liveness, self.overload, self.device_flags,
                                       own=(self.name, own_rejected), default_kind=self._default_kind,
                                       status=self.status_line, t0=self._t0, started_wall=self._started_wall,
-                                      window=window)
+                                      window=window, sessions=sessions)
 
     # ------------------------------------------------------------------ outside views
     def status(self) -> MonitorStatus:

@@ -39,8 +39,8 @@ from common.telemetry import (
 )
 from services.stats import CounterLedger, LogHistogram, Series
 
-__all__ = ["Stats", "Buckets", "BucketCounts", "MAX_EVENT_KINDS", "E2E_QS", "E2E_BUCKETS_MS",
-           "INFERENCE_BUCKETS_MS", "HISTOGRAMS"]
+__all__ = ["Stats", "Buckets", "BucketCounts", "MAX_EVENT_KINDS", "MAX_SESSIONS", "E2E_QS", "E2E_BUCKETS_MS",
+           "INFERENCE_BUCKETS_MS", "HISTOGRAMS", "session_dropped"]
 
 E2E_QS = (0.5, 0.95, 0.99)
 MAX_EVENT_KINDS = 256   # distinct (service, event) names counted; more are ignored
@@ -107,6 +107,17 @@ class Buckets:
         """The counts now, cumulative per bound (what Prometheus exposes)."""
         cumulative = tuple(accumulate(self.counts[:-1]))
         return BucketCounts(self.bounds_ms, cumulative, self.count, self.sum_ms)
+
+
+def session_dropped(entry: dict[str, Any]) -> dict[str, int]:
+    """Dropped audio by cause of one session (an entry of :meth:`Stats.sessions`): its playback's
+    drops and inference's ``dropped_<cause>`` counters for it, added where a cause is in both."""
+    out = dict(entry.get("playback_dropped") or {})
+    for k, v in (entry.get("inference") or {}).items():
+        if k.startswith(DROPPED_PREFIX):
+            cause = k[len(DROPPED_PREFIX):]
+            out[cause] = out.get(cause, 0) + v
+    return out
 
 
 class Stats:
@@ -201,6 +212,8 @@ class Stats:
             p50, p95, p99 = hist.quantiles(list(E2E_QS))
             out[name] = {"chunks": self.session_chunks[name], "e2e_latency_ms": {"p50": p50, "p95": p95, "p99": p99}}
         for (name, _, _), counters in self.playback_counters.items():
+            if name not in out and len(out) >= MAX_SESSIONS:
+                continue  # so that at most MAX_SESSIONS names come out (they become /metrics labels)
             entry = out.setdefault(name, {"chunks": 0})
             entry["underruns"] = entry.get("underruns", 0) + counters.get(Counter.UNDERRUNS, 0)
             drops = entry.setdefault("playback_dropped", {})
@@ -209,7 +222,12 @@ class Stats:
                     drops[k[len(DROPPED_PREFIX):]] = drops.get(k[len(DROPPED_PREFIX):], 0) + v
         for s in (self.inference.sessions or []) if self.inference is not None else []:
             if isinstance(s, dict) and isinstance(s.get("name"), str) and (s["name"] in out or len(out) < MAX_SESSIONS):
-                out.setdefault(s["name"], {"chunks": 0})["inference"] = s.get("counters")
+                counters = s.get("counters")
+                # Typed decoding leaves a session's counters unchecked (Any); keep what it would
+                # let through as a heartbeat's own counters: ints, not negative.
+                out.setdefault(s["name"], {"chunks": 0})["inference"] = (
+                    {k: v for k, v in counters.items() if type(v) is int and v >= 0}
+                    if isinstance(counters, dict) else None)
         return out
 
     def rtf(self, mean_proc_ms: float | None, mean_rtf: float | None) -> float | None:

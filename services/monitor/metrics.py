@@ -9,6 +9,16 @@ monitor has run, in seconds (Prometheus's base unit), with the fixed buckets of
 Unlike the rolling quantiles, which cannot be averaged, these aggregate across hosts and over any
 range, e.g. ``histogram_quantile(0.99, sum by (le) (rate(llvc_e2e_latency_seconds_bucket[5m])))``.
 
+Per client session (issue 18; :attr:`~.report.Snapshot.sessions`, from
+:meth:`~.ingest.Stats.sessions`), with a ``session`` label: ``llvc_session_chunks``,
+``llvc_session_underruns``, ``llvc_session_resets``, ``llvc_session_dropped{cause}`` (counters)
+and ``llvc_session_e2e_latency_ms{quantile}`` (0.5/0.95/0.99 since the monitor started: there is
+no per-session window); and ``llvc_inference_batches{size}``, inference's steps by how many
+sessions each converted in one call. The monitor follows at most :data:`~.ingest.MAX_SESSIONS`
+names, so the ``session`` label's values are bounded. Inference's per-session counts and its
+batch sizes are its own process's, read from its latest heartbeat: they start again from zero
+when it restarts or a session is evicted and comes back, which ``rate()`` takes as a counter reset.
+
 A scrape runs in the HTTP server's thread and only takes the snapshot reference the loop thread
 last published, so it never waits for the loop, nor the loop for it.
 """
@@ -16,11 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from .ingest import BucketCounts
+from common.telemetry import Counter
+
+from .ingest import BucketCounts, session_dropped
 from .report import Snapshot
 
-__all__ = ["MetricsError", "SnapshotCollector", "HISTOGRAM_METRICS", "histogram_family", "start_metrics",
-           "stop_metrics"]
+__all__ = ["MetricsError", "SnapshotCollector", "HISTOGRAM_METRICS", "histogram_family", "session_families",
+           "start_metrics", "stop_metrics"]
 
 #: Series (:data:`~.ingest.HISTOGRAMS`) served as histograms: ``series: (metric name, help)``.
 HISTOGRAM_METRICS = {
@@ -43,6 +55,39 @@ def histogram_family(name: str, doc: str, counts: BucketCounts):
     buckets = [(floatToGoString(b / 1000), n) for b, n in zip(counts.bounds_ms, counts.cumulative)]
     buckets.append(("+Inf", counts.count))
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=counts.sum_ms / 1000)
+
+
+def session_families(snap: Snapshot) -> Iterator:
+    """The per-session metric families and the batch-size counter of ``snap`` (see the module
+    docstring); a figure not measured (no chunk, no playback heartbeat) has no sample."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    chunks = CounterMetricFamily("llvc_session_chunks", "Chunks played per client session", labels=["session"])
+    underruns = CounterMetricFamily("llvc_session_underruns", "Playback underruns per client session",
+                                    labels=["session"])
+    resets = CounterMetricFamily("llvc_session_resets", "Inference state resets per client session",
+                                 labels=["session"])
+    dropped = CounterMetricFamily("llvc_session_dropped", "Dropped audio per client session by cause "
+                                  "(its playback's drops and inference's for it)", labels=["session", "cause"])
+    e2e = GaugeMetricFamily("llvc_session_e2e_latency_ms", "End-to-end latency (capture to output) per "
+                            "client session, ms, since the monitor started", labels=["session", "quantile"])
+    for name, s in snap.sessions.items():
+        chunks.add_metric([name], s["chunks"])
+        if s.get("underruns") is not None:
+            underruns.add_metric([name], s["underruns"])
+        if (n := (s.get("inference") or {}).get(Counter.RESETS)) is not None:
+            resets.add_metric([name], n)
+        for cause, n in session_dropped(s).items():
+            dropped.add_metric([name, cause], n)
+        for key, q in (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99")):
+            if (v := (s.get("e2e_latency_ms") or {}).get(key)) is not None:
+                e2e.add_metric([name, q], v)
+    yield from (chunks, underruns, resets, dropped, e2e)
+    batches = CounterMetricFamily("llvc_inference_batches", "Inference steps by how many client sessions "
+                                  "each converted in one call", labels=["size"])
+    for size, n in snap.batch_sizes.items():
+        batches.add_metric([size], n)
+    yield batches
 
 
 class SnapshotCollector:
@@ -109,6 +154,7 @@ class SnapshotCollector:
                                      labels=["model", "untrained", "device"])
             info.add_metric([model.model, str(model.untrained).lower(), model.device], 1)
             yield info
+        yield from session_families(snap)
 
 
 def start_metrics(host: str, port: int, latest: Callable[[], Snapshot]):

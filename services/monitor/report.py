@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,11 @@ from common.telemetry import InferenceStatus
 from .health import DeviceFlags, Liveness, Overload
 from .ingest import BucketCounts, Stats
 
-__all__ = ["Snapshot", "take_snapshot", "status_line", "rounded", "write_report"]
+__all__ = ["Snapshot", "take_snapshot", "status_line", "sessions_part", "rounded", "write_report",
+           "STATUS_SESSIONS"]
+
+#: Sessions the status line names one by one; the rest are counted as ``+N more``.
+STATUS_SESSIONS = 4
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class Snapshot:
     model: InferenceStatus | None           # what inference reported of its model
     overloaded: bool
     histograms: dict[str, BucketCounts]     # whole-run bucket counts by series (e2e_ms, proc_ms)
+    sessions: dict[str, dict[str, Any]]     # per client session (Stats.sessions), unrounded
+    batch_sizes: dict[str, int]             # inference's batched steps by how many sessions each held
     report: dict[str, Any]                  # the whole-run report, rounded, JSON-ready
 
     def report_copy(self) -> dict[str, Any]:
@@ -62,31 +69,58 @@ def rounded(value: Any) -> Any:
     return value
 
 
-def status_line(window: dict[str, Any], overloaded: bool, totals: dict[str, int], drops: int,
-                states: dict[str, str]) -> str:
-    """The status line: rolling figures (``inf`` is the p50 of ``proc_ms``), totals, service states."""
-    def show(v: float | None) -> str:
-        return "—" if v is None else f"{v:.1f}"
+def _show(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}"
 
+
+def status_line(window: dict[str, Any], overloaded: bool, totals: dict[str, int], drops: int,
+                states: dict[str, str], sessions: dict[str, dict[str, Any]] | None = None) -> str:
+    """The status line: rolling figures (``inf`` is the p50 of ``proc_ms``), totals, service
+    states, and with more than one client session (``Stats.sessions``) :func:`sessions_part`."""
     e2e, inf = window["e2e_latency_ms"], window["inference_ms"]
     services = " ".join(f"{n} {'—' if state == 'unseen' else state}" for n, state in states.items())
-    return (("OVERLOADED | " if overloaded else "") +
-            f"e2e p50 {show(e2e['p50'])} p99 {show(e2e['p99'])} ms | inf {show(inf['p50'])} ms "
-            f"rtf {show(window['rtf'])} | underruns {totals['underruns']} "
+    line = (("OVERLOADED | " if overloaded else "") +
+            f"e2e p50 {_show(e2e['p50'])} p99 {_show(e2e['p99'])} ms | inf {_show(inf['p50'])} ms "
+            f"rtf {_show(window['rtf'])} | underruns {totals['underruns']} "
             f"drops {drops} resets {totals['resets']} | {services}")
+    # One session is what the figures before already say: only several get their own part.
+    return f"{line} | {sessions_part(sessions)}" if sessions and len(sessions) > 1 else line
+
+
+def sessions_part(sessions: dict[str, dict[str, Any]]) -> str:
+    """``sessions N: NAME P50/P99 ms uUNDERRUNS, ..., +M more``: each session's e2e p50/p99 since
+    the monitor started and its playback's underruns (``—`` where nothing was measured), worst
+    first (most underruns, then highest p99, then by name), at most :data:`STATUS_SESSIONS` named."""
+    def worst_first(item: tuple[str, dict[str, Any]]) -> tuple:
+        name, s = item
+        p99 = (s.get("e2e_latency_ms") or {}).get("p99")
+        return -(s.get("underruns") or 0), -p99 if p99 is not None else math.inf, name
+
+    ranked = sorted(sessions.items(), key=worst_first)
+    parts = []
+    for name, s in ranked[:STATUS_SESSIONS]:
+        e2e, underruns = s.get("e2e_latency_ms") or {}, s.get("underruns")
+        parts.append(f"{name} {_show(e2e.get('p50'))}/{_show(e2e.get('p99'))} ms "
+                     f"u{'—' if underruns is None else underruns}")
+    more = f", +{len(ranked) - STATUS_SESSIONS} more" if len(ranked) > STATUS_SESSIONS else ""
+    return f"sessions {len(ranked)}: {', '.join(parts)}{more}"
 
 
 def take_snapshot(now: float, stats: Stats, liveness: Liveness, overload: Overload, flags: DeviceFlags, *,
                   own: tuple[str, int], default_kind: str, status: str, t0: float, started_wall: str,
-                  window: dict[str, Any] | None = None) -> Snapshot:
+                  window: dict[str, Any] | None = None, sessions: dict[str, dict[str, Any]] | None = None
+                  ) -> Snapshot:
     """A :class:`Snapshot` of the monitor's parts at ``now`` (in the loop thread).
 
     ``own`` is the monitor's name and its subscriber's reject count, ``default_kind`` the model
     kind the config names (the report's until inference says), ``status`` the latest status
-    line, ``window`` the rolling figures if the caller already has them for this ``now``.
+    line, ``window`` the rolling figures and ``sessions`` the per-session ones (``Stats.sessions``)
+    if the caller already has them for this ``now``.
     """
     if window is None:
         window = stats.figures(now, whole=False)
+    if sessions is None:
+        sessions = stats.sessions()
     states = liveness.states()
     totals, dropped = stats.totals(), stats.dropped()
     rejected = {**stats.rejected(), own[0]: own[1]}
@@ -100,6 +134,7 @@ def take_snapshot(now: float, stats: Stats, liveness: Liveness, overload: Overlo
             "pids": list(h.pids) if h else [],
         }
     m = stats.inference
+    batch_sizes = dict(m.batch_sizes or {}) if m else {}
     report = rounded({
         "chunks": totals["chunks"],
         **stats.figures(now, whole=True),
@@ -119,8 +154,8 @@ def take_snapshot(now: float, stats: Stats, liveness: Liveness, overload: Overlo
         "counters": stats.counters(),
         # Per client session (issue 18), and how many sessions each of inference's batched
         # steps converted.
-        "sessions": stats.sessions(),
-        "batch_sizes": (m.batch_sizes or {}) if m else {},
+        "sessions": sessions,
+        "batch_sizes": batch_sizes,
         "events": dict(sorted(stats.events.items())),
         "window": {"window_s": stats.window_s, **window},
         "status_line": status,
@@ -130,7 +165,8 @@ def take_snapshot(now: float, stats: Stats, liveness: Liveness, overload: Overlo
     return Snapshot(t=now, window_s=stats.window_s, window=window, states=states, totals=totals,
                     dropped=dict(dropped), rejected=dict(rejected),
                     restarts={n: h.restarts for n, h in liveness.health.items()}, flags=flags.totals(),
-                    model=m, overloaded=overload.overloaded, histograms=stats.histograms(), report=report)
+                    model=m, overloaded=overload.overloaded, histograms=stats.histograms(), sessions=sessions,
+                    batch_sizes=batch_sizes, report=report)
 
 
 def write_report(path: Path, report: dict[str, Any], log: Callable[..., None]) -> bool:
