@@ -4,13 +4,19 @@ Runs ``llvc run`` (real processes under supervisord) for ``--seconds`` at each c
 with a looped LibriSpeech clip as the source and a null sink paced like a device, and prints
 one row per setting from the monitor's report. Not a test: numbers depend on the machine.
 
+Variants (``--variant LABEL=ARGS``, repeatable) run side by side: each round runs every chunk
+factor under every variant in turn, so a machine that drifts over minutes moves them alike.
+
     .venv/bin/python scripts/bench_pipeline.py                 # 60 s at chunk factors 1, 2, 4
     .venv/bin/python scripts/bench_pipeline.py --seconds 20 --factors 1 --json
+    .venv/bin/python scripts/bench_pipeline.py --factors 1 --rounds 3 \
+        --variant today= --variant adaptive="--set playback.adaptive=true"
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -37,28 +43,35 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--factors", default="1,2,4")
+    ap.add_argument("--rounds", type=int, default=1, help="times to run every factor and variant (interleaved)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
+                    help="a named set of extra llvc run arguments, e.g. adaptive='--set playback.adaptive=true'")
     ap.add_argument("--json", action="store_true", help="print the reports as JSON instead of a table")
     ap.add_argument("extra", nargs="*", help="more llvc run arguments after --, e.g. -- -p G_500000.pth")
     args = ap.parse_args()
-    rows = {}
-    for factor in (int(f) for f in args.factors.split(",")):
-        rows[factor] = run_once(factor, args.seconds, args.extra)
+    variants = dict(v.partition("=")[::2] for v in args.variant) or {"": ""}
+    factors = [int(f) for f in args.factors.split(",")]
+    rows = []  # (factor, variant, round, report)
+    for rnd in range(args.rounds):
+        for factor in factors:
+            for label, extra in variants.items():
+                rows.append((factor, label, rnd, run_once(factor, args.seconds, [*args.extra, *shlex.split(extra)])))
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([{"factor": f, "variant": v, "round": n, "report": r} for f, v, n, r in rows], indent=2))
         return 0
-    print(f"pipeline benchmark: {args.seconds:g} s per setting, null sink, looped {CLIP.name}")
-    head = (f"{'cf':>3} {'chunk ms':>8} {'algo ms':>8} {'e2e p50':>8} {'p95':>7} {'p99':>7} {'max':>7} "
-            f"{'underruns':>9} {'under %':>8} {'drops':>6} {'inf p50':>8} {'inf p95':>8} {'RTF':>6}")
+    print(f"pipeline benchmark: {args.seconds:g} s per run, null sink, looped {CLIP.name}, "
+          f"{args.rounds} round(s) interleaved")
+    head = (f"{'cf':>3} {'variant':>10} {'chunk ms':>8} {'algo ms':>8} {'e2e p50':>8} {'p95':>7} {'p99':>7} "
+            f"{'max':>7} {'underruns':>9} {'under %':>8} {'drops':>6} {'inf p50':>8} {'inf p95':>8} {'RTF':>6}")
     print(head)
     print("-" * len(head))
-    for factor, r in rows.items():
+    for factor, label, _, r in sorted(rows, key=lambda row: (row[0], list(variants).index(row[1]), row[2])):
         e, inf = r["e2e_latency_ms"], r["inference_ms"]
         drops = sum(r["dropped"].values()) if isinstance(r["dropped"], dict) else r["dropped"]
         under_pct = 100.0 * r["underruns"] / max(r["chunks"], 1)
-        print(f"{factor:>3} {r['model']['chunk_ms']:>8g} {r['algorithmic_latency_ms']:>8.1f} {e['p50']:>8.2f} "
-              f"{e['p95']:>7.2f} "
-              f"{e['p99']:>7.2f} {e['max']:>7.2f} {r['underruns']:>9} {under_pct:>8.3f} {drops:>6} "
-              f"{inf['p50']:>8.2f} {inf['p95']:>8.2f} {r['rtf']:>6.2f}")
+        print(f"{factor:>3} {label or '-':>10} {r['model']['chunk_ms']:>8g} {r['algorithmic_latency_ms']:>8.1f} "
+              f"{e['p50']:>8.2f} {e['p95']:>7.2f} {e['p99']:>7.2f} {e['max']:>7.2f} {r['underruns']:>9} "
+              f"{under_pct:>8.3f} {drops:>6} {inf['p50']:>8.2f} {inf['p95']:>8.2f} {r['rtf']:>6.2f}")
     return 0
 
 

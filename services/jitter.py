@@ -30,6 +30,15 @@ One late burst (a stall: its chunks arrive together) does not grow it. Once the
 lateness is over, slack that persists over ``TRIM_WINDOW`` arrivals is given back, down to
 1 ms and at most what was grown, so latency returns to where it was.
 
+Adaptive playout (``adaptive`` given, :mod:`services.playout`): the timeline follows the
+arrivals instead of the two rules above. Every fresh chunk's headroom (how far ahead of the
+read position it arrived; negative when late) goes to the controller; a late chunk grows the
+timeline at once (a pause, as above), and when every recent arrival had more headroom than it
+needed the timeline shrinks by a fraction of a millisecond at a time: that many samples are
+skipped at the start of a read, under a crossfade from the audio they replace. ``target_ms``
+is then only where a stream starts, and :attr:`JitterBuffer.target_ms` reports the current
+margin. The ``max_ms`` overflow rule applies either way.
+
 Storage is a ring of ``max_ms`` (plus a second of headroom for reads) with a validity mask:
 position ``p`` lives at ``p % capacity``. The overflow rule is applied *before* a chunk is
 stored, so stored positions never alias.
@@ -44,6 +53,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.audio import SAMPLE_RATE
+
+from .playout import AdaptivePlayout
 
 #: After this long with nothing to play a stream counts as stalled (a live capture that went
 #: away): its silence is no longer counted as underrun samples, which would otherwise grow
@@ -61,6 +72,9 @@ GROW_SPAN_MS = 80.0
 #: A stream whose chunk arrives more than max_ms late before this many of its chunks were played
 #: restarts its playout at that chunk (see ``_put``) instead of dropping everything that follows.
 RESTART_WITHIN = 8
+#: Length of the crossfade over an adaptive shrink's cut: long against the cut (a quarter of a
+#: millisecond), so the waveform bends rather than jumps.
+XFADE_MS = 2.0
 #: Stream ids remembered after they were replaced or drained, so stragglers are ignored
 #: instead of switching the output back to an old stream.
 RETIRED_STREAMS = 8
@@ -84,6 +98,8 @@ class JitterStats:
     timeline_grows: int = 0      # times persistent lateness moved the timeline later
     grown_samples: int = 0       # silence those moves inserted
     timeline_restarts: int = 0   # streams whose playout restarted before anything played
+    timeline_shrinks: int = 0    # adaptive playout: times the timeline moved earlier
+    shrunk_samples: int = 0      # samples those moves skipped
 
 
 @dataclass(frozen=True)
@@ -138,10 +154,14 @@ def ms_to_samples(ms: float, sr: int = SAMPLE_RATE) -> int:
 class JitterBuffer:
     """See the module docstring. All positions are stream sample offsets."""
 
-    def __init__(self, target_ms: float, max_ms: float, fade_ms: float, sample_rate: int = SAMPLE_RATE):
+    def __init__(self, target_ms: float, max_ms: float, fade_ms: float, sample_rate: int = SAMPLE_RATE,
+                 adaptive: AdaptivePlayout | None = None):
         if not 0 <= target_ms < max_ms:
             raise ValueError(f"need 0 <= target_ms < max_ms, got {target_ms} and {max_ms}")
         self.sr = sample_rate
+        self.adaptive = adaptive
+        # A shrink's crossfade, from the audio skipped to the audio after it.
+        self.xfade = max(1, ms_to_samples(XFADE_MS, sample_rate))
         self.target = ms_to_samples(target_ms, sample_rate)
         self.target_ns = int(target_ms * 1e6)
         self.max = max(ms_to_samples(max_ms, sample_rate), self.target + 1)
@@ -175,6 +195,9 @@ class JitterBuffer:
         self._lateness: deque[tuple[int, int]] = deque(maxlen=GROW_WINDOW)
         self._pause = 0       # reads still to pause for (silence before the timeline goes on)
         self._grown = 0       # how much later than its start the timeline runs now (growth - trims)
+        self._skip = 0        # adaptive shrink still to apply at a read
+        if self.adaptive is not None:
+            self.adaptive.reset()
         self._stream_played = 0  # chunk starts of this stream played so far
         self._valid[:] = False
 
@@ -189,6 +212,13 @@ class JitterBuffer:
     def fill(self) -> int:
         """Buffered-ahead samples: newest data's end minus the read position (0 if none)."""
         return max(0, self.newest_end - self.read_pos) if self.stream_id is not None else 0
+
+    @property
+    def target_ms(self) -> float:
+        """The playout margin: ``target_ms`` as configured, or with adaptive playout the headroom
+        the median recent arrival had (the configured one until a stream plays)."""
+        margin = self.adaptive.margin if self.adaptive is not None else None
+        return (self.target if margin is None else margin) * 1000.0 / self.sr
 
     @property
     def fill_ms(self) -> float:
@@ -255,15 +285,20 @@ class JitterBuffer:
             # An offset gap: whatever of it was already played as silence was lost upstream
             # (the rest is counted when it is played, see _play).
             self.stats.lost_samples += max(0, min(offset, self.read_pos) - self.newest_end)
+        fresh = offset >= self.newest_end  # new audio, not a retransmission or a duplicate
         self.newest_end = max(self.newest_end, end)  # late data still shows what was sent
         late = 0
-        if self.playing:
+        if self.playing and self.adaptive is not None:
+            if fresh:
+                self._adapt(offset - self.read_pos + self._pause, arrival_ns, end - offset)
+        elif self.playing:
             self._lateness.append((arrival_ns, max(0, self.read_pos - offset)))
         if offset < self.read_pos:
             late = min(end, self.read_pos) - offset
             self.stats.dropped_late += 1
             self.stats.late_samples += late
-            self._grow_if_persistently_late(end - offset)
+            if self.adaptive is None:
+                self._grow_if_persistently_late(end - offset)
             if end <= self.read_pos:
                 return PutResult(new_stream=new, late=late)
 
@@ -276,7 +311,7 @@ class JitterBuffer:
         # run. Above max_ms, trim at once. Either way this chunk plus target remain at least.
         n_new = end - offset
         new_pos = None
-        if self.playing and end == self.newest_end and offset >= self.read_pos:
+        if self.playing and end == self.newest_end and offset >= self.read_pos and self.adaptive is None:
             self._slack.append(self.newest_end - self.read_pos + self._pause - (n_new + self.target))
             spare = min(self._slack) if len(self._slack) == TRIM_WINDOW else 0
             if spare > max(self.target, ms_to_samples(3.0, self.sr)):
@@ -293,6 +328,8 @@ class JitterBuffer:
             overflow = (self._discard(self.read_pos, new_pos)
                         + max(0, min(end, new_pos) - max(offset, self.read_pos)))
             self._grown = max(0, self._grown - (new_pos - self.read_pos))
+            if self.adaptive is not None:
+                self.adaptive.moved(self.read_pos - new_pos)
             self.read_pos = new_pos
             self.stats.dropped_overflow += 1
             self.stats.overflow_samples += overflow
@@ -316,6 +353,18 @@ class JitterBuffer:
         self._pause = self._grown = 0
         self._valid[:] = False
         self.stats.timeline_restarts += 1
+
+    def _adapt(self, headroom: int, arrival_ns: int, n_new: int) -> None:
+        """Adaptive playout: let the controller see this arrival and apply its move."""
+        # Growth stays within the buffer too: what is buffered ahead plus the pause under max_ms.
+        room = self.max - max(0, self.newest_end - self.read_pos) - self._pause - n_new
+        move = self.adaptive.arrived(headroom, arrival_ns, max(0, room))
+        if move > 0:
+            self._pause += move
+            self.stats.timeline_grows += 1
+            self.stats.grown_samples += move
+        elif move < 0:
+            self._skip += -move
 
     def _grow_if_persistently_late(self, n_new: int) -> None:
         """Move the timeline later when most recent arrivals were late (see the module docstring)."""
@@ -366,6 +415,7 @@ class JitterBuffer:
                 self._fade(out[k:k + p])
                 self._pause -= p
                 k += p
+            skipped = self._shrink() if self._skip and not self._pause else None
             m = n - k
             pos = self.read_pos
             in_stream = m if self.source_end is None else max(0, min(m, self.source_end - pos))
@@ -373,6 +423,10 @@ class JitterBuffer:
             res.stream_index, res.stream_samples = k, in_stream
             if in_stream:
                 self._play(out[k:k + in_stream], pos, res)
+                if skipped is not None:  # fade from the audio the shrink skipped into what follows
+                    f = min(len(skipped), in_stream)
+                    w = np.arange(1, f + 1, dtype=np.float32) / (len(skipped) + 1)
+                    out[k:k + f] = skipped[:f] * (1 - w) + out[k:k + f] * w
                 for off in [o for o in self._starts if o < pos + in_stream]:
                     sid, seq, t_cap, arrival = self._starts.pop(off)
                     index = k + off - pos
@@ -387,6 +441,22 @@ class JitterBuffer:
                 self.stats.drained += 1
                 self._retire(drained=True)
             return res
+
+    def _shrink(self) -> np.ndarray | None:
+        """Apply a pending adaptive shrink at the read position: skip those samples and return
+        the ones they replace, to fade from. Only inside continuous audio: if any of it is
+        missing, wait (a gap's own fade is there, and skipping into it would hide nothing)."""
+        pos, s = self.read_pos, self._skip
+        if (self.source_end is not None and pos + s + self.xfade > self.source_end) or \
+                not self._valid[self._slots(pos, s + self.xfade)].all():
+            return None
+        replaced = self._data[self._slots(pos, self.xfade)].copy()
+        self._discard(pos, pos + s)
+        self.read_pos = pos + s
+        self._skip = 0
+        self.stats.timeline_shrinks += 1
+        self.stats.shrunk_samples += s
+        return replaced
 
     def _play(self, out: np.ndarray, pos: int, res: ReadResult) -> None:
         """Stream positions [pos, pos + len(out)): real samples, or a fade over the gaps."""

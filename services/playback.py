@@ -27,6 +27,7 @@ from common.settings import non_negative, positive, setting
 from common.telemetry import AudioHeader, Drained, PlaybackChunk, PlaybackStatus, StreamStart, Underrun
 from services.base import Service, add_service_arguments, service_main
 from services.jitter import JitterBuffer, ReadResult
+from services.playout import AdaptivePlayout
 from services.recorder import WavRecorder, make_recorders
 from services.sinks import make_monitor, make_sink
 from services.virtual_mic import spec_problem as virtual_mic_problem
@@ -60,6 +61,12 @@ class PlaybackSettings:
     record: str = setting("")
     target_ms: float = setting(6.0, non_negative)
     max_ms: float = setting(60.0, positive)
+    # Adaptive playout (services/playout.py): target_ms is then where a stream starts, and the
+    # margin follows the arrivals between target_min_ms and target_max_ms.
+    adaptive: bool = setting(False)
+    target_min_ms: float = setting(1.0, non_negative)
+    target_max_ms: float = setting(30.0, positive)
+    adapt_window_s: float = setting(15.0, positive)
     block_ms: float = setting(2.0, lambda v: positive(v) or (None if v <= 1000 else "must be <= 1000"))
     fade_ms: float = setting(2.0, non_negative)
     device_latency: str | float = setting("low", latency_problem)
@@ -69,6 +76,10 @@ class PlaybackSettings:
         """Checks across keys."""
         if self.max_ms <= self.target_ms:
             yield "max_ms", f"must be above target_ms ({self.target_ms:g}), got {self.max_ms:g}"
+        if self.adaptive and self.target_max_ms <= self.target_min_ms:
+            yield "target_max_ms", f"must be above target_min_ms ({self.target_min_ms:g}), got {self.target_max_ms:g}"
+        if self.adaptive and self.target_max_ms >= self.max_ms:
+            yield "target_max_ms", f"must be below max_ms ({self.max_ms:g}), got {self.target_max_ms:g}"
         sink_file = self.sink.partition(":")[2] if self.sink.startswith("file:") else ""
         if self.record and sink_file and os.path.realpath(self.record) == os.path.realpath(sink_file):
             yield "record", f"names the sink's own file ({self.record}); record to another path"
@@ -114,7 +125,8 @@ class PlaybackService(Service):
 
     def setup(self) -> None:
         self.settings = s = playback_settings(self.cfg, self.args)
-        self.jb = JitterBuffer(s.target_ms, s.max_ms, s.fade_ms)
+        adaptive = AdaptivePlayout(s.target_min_ms, s.target_max_ms, s.adapt_window_s) if s.adaptive else None
+        self.jb = JitterBuffer(s.target_ms, s.max_ms, s.fade_ms, adaptive=adaptive)
         self.sink = make_sink(s, self.log)
         self.sink.open()  # first: a sink that cannot open is a one-line exit 2, before any socket
         self.monitor_out = make_monitor(s, self.log)
@@ -152,8 +164,8 @@ class PlaybackService(Service):
             sock.disconnect(address)
             sock.connect(address)
         monitor = self.monitor_out.describe() if self.monitor_out is not None else {}
-        self.log("info", "sink open", sink=s.sink, target_ms=s.target_ms, max_ms=s.max_ms, **self.sink.describe(),
-                 **monitor, **{k: v for r in self.recorders for k, v in r.describe().items()})
+        self.log("info", "sink open", sink=s.sink, target_ms=s.target_ms, adaptive=s.adaptive, max_ms=s.max_ms,
+                 **self.sink.describe(), **monitor, **{k: v for r in self.recorders for k, v in r.describe().items()})
         if self.monitor_out is not None:
             self.monitor_out.start(time.monotonic_ns())
         self.sink.start(time.monotonic_ns())  # last: the first tick is due now, not a setup ago
@@ -250,7 +262,7 @@ class PlaybackService(Service):
     def status(self) -> PlaybackStatus | None:
         if self.sink is None:
             return None
-        return PlaybackStatus(self.settings.sink, self.settings.target_ms, round(self.jb.fill_ms, 3),
+        return PlaybackStatus(self.settings.sink, round(self.jb.target_ms, 3), round(self.jb.fill_ms, 3),
                               self.jb.stream_id, self.settings.record or None, **self._output_status(),
                               session=self.session)
 
