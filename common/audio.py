@@ -17,6 +17,7 @@ from .files import atomic_path
 
 __all__ = [
     "SAMPLE_RATE",
+    "ms_to_samples",
     "AUDIO_EXTENSIONS",
     "AudioError",
     "read_audio",
@@ -28,6 +29,11 @@ __all__ = [
 #: The pipeline's audio rate: the LLVC model's, the wire's model input and every function's
 #: default here. Declared once, here; everything else imports it.
 SAMPLE_RATE = 16000
+
+
+def ms_to_samples(ms: float, sr: int = SAMPLE_RATE) -> int:
+    """Milliseconds as a whole number of samples (rounded)."""
+    return int(round(ms * sr / 1000.0))
 
 #: Lower-case file extensions (with the dot) that soundfile can read and that
 #: :func:`find_audio_files` picks up in folders.

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.audio import SAMPLE_RATE
+from common.audio import SAMPLE_RATE, ms_to_samples
 
 from .playout import AdaptivePlayout
 
@@ -144,11 +144,6 @@ class ReadResult:
     invented: int = 0          # underrun samples in this block
     started: bool = False      # the stream's playout began in this block
     drained: tuple[str, int] | None = None  # (stream_id, source_end) once, when it was passed
-
-
-def ms_to_samples(ms: float, sr: int = SAMPLE_RATE) -> int:
-    """Milliseconds as a whole number of samples (rounded)."""
-    return int(round(ms * sr / 1000.0))
 
 
 class JitterBuffer:

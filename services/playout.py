@@ -33,7 +33,7 @@ from collections import deque
 
 import numpy as np
 
-from common.audio import SAMPLE_RATE
+from common.audio import SAMPLE_RATE, ms_to_samples
 
 #: Headroom kept for the latest arrival of the window: room for an arrival slightly later than
 #: any seen, and for the read position stepping a block at a time.
@@ -49,10 +49,6 @@ RECENT = 16
 MIN_ARRIVALS = 32
 
 
-def _samples(ms: float, sr: int) -> int:
-    return int(round(ms * sr / 1000.0))
-
-
 class AdaptivePlayout:
     """See the module docstring. All amounts are samples; times are monotonic ns."""
 
@@ -62,11 +58,11 @@ class AdaptivePlayout:
         if window_s <= 0:
             raise ValueError(f"window_s must be positive, got {window_s}")
         self.sr = sample_rate
-        self.floor = _samples(floor_ms, sample_rate)
-        self.ceiling = _samples(ceiling_ms, sample_rate)
+        self.floor = ms_to_samples(floor_ms, sample_rate)
+        self.ceiling = ms_to_samples(ceiling_ms, sample_rate)
         self.window_ns = int(window_s * 1e9)
-        self.safety = _samples(SAFETY_MS, sample_rate)
-        self.step = max(1, _samples(SHRINK_STEP_MS, sample_rate))
+        self.safety = ms_to_samples(SAFETY_MS, sample_rate)
+        self.step = max(1, ms_to_samples(SHRINK_STEP_MS, sample_rate))
         self.reset()
 
     def reset(self) -> None:
