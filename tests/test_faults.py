@@ -101,8 +101,14 @@ def test_each_service_restarted_in_turn_the_others_keep_running_and_audio_resume
     resets = [d for _, d in obs.events("reset", "inference", c["t_fault_ns"]) if d.reason == "new_stream"]
     assert resets and resets[0].stream_id == new_id
     assert new_id in [d.stream_id for _, d in obs.events("stream_start", "playback", c["t_fault_ns"])]
-    # Playback's silence is the gap, not more: the new stream plays as soon as it arrives.
-    assert c["silence_ms"] <= c["recovery_ms"] + 200, c
+    # Playback's silence is the gap, not more: the new stream plays as soon as it arrives. The
+    # gap begins when capture is asked to stop (it sends nothing more from SIGTERM on), which a
+    # restart's recovery time, counted from when the old process was gone, leaves out: 367 ms
+    # of it on a loaded CI machine (silence 1096 ms, recovery 730 ms).
+    stopping_ms = (c["t_fault_ns"] - c["t_asked_ns"]) / 1e6
+    print(f"capture: silence {c['silence_ms']:.0f} ms, recovery {c['recovery_ms']:.0f} ms "
+          f"after a stop that took {stopping_ms:.0f} ms")
+    assert c["silence_ms"] <= c["recovery_ms"] + stopping_ms + 200, c
     # The monitor reported each restart (the events it publishes on the bus).
     seen = {d.service_name for _, d in obs.events("service_restarted", "monitor")} | \
         {d.service_name for _, d in obs.events("service_back", "monitor") if d.restarted}

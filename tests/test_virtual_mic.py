@@ -52,6 +52,12 @@ class Parec:
         return self.samples()
 
 
+#: 1 % of the tone: a wrong sample rate anywhere on the way is 9 % (44.1 against 48 kHz) or more.
+#: Chunks lost on a loaded machine cut the tone and so raise its apparent pitch a little: one CI
+#: run measured 442.1 Hz (0.5 %).
+TONE_TOLERANCE_HZ = 0.01 * TONE_HZ
+
+
 def tone_figures(x: np.ndarray) -> tuple[float, float]:
     """(peak frequency in Hz, RMS in dBFS) of a stretch of recording."""
     spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
@@ -82,7 +88,7 @@ def test_the_tone_is_heard_on_the_virtual_microphone_and_nothing_is_left_behind(
     hz, dbfs = tone_figures(steady)
     expected = 20 * np.log10(TONE_LEVEL / np.sqrt(2))
     print(f"\nvirtual microphone: {hz:.1f} Hz at {dbfs:.2f} dBFS (sent {TONE_HZ:g} Hz at {expected:.2f} dBFS)")
-    assert abs(hz - TONE_HZ) < 2.0
+    assert abs(hz - TONE_HZ) < TONE_TOLERANCE_HZ
     assert abs(dbfs - expected) <= 1.0
 
 
@@ -111,7 +117,7 @@ def test_a_playback_killed_and_restarted_keeps_feeding_the_same_microphone(pulse
     assert len(after) > RATE, (len(x), n_back)
     hz, dbfs = tone_figures(after)
     print(f"\nafter playback's restart: {hz:.1f} Hz at {dbfs:.2f} dBFS")
-    assert abs(hz - TONE_HZ) < 2.0 and dbfs > 20 * np.log10(TONE_LEVEL / np.sqrt(2)) - 1.0
+    assert abs(hz - TONE_HZ) < TONE_TOLERANCE_HZ and dbfs > 20 * np.log10(TONE_LEVEL / np.sqrt(2)) - 1.0
     assert our_modules(pulse) == []
 
 

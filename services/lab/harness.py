@@ -281,10 +281,11 @@ def missing_chunks(played: list[Played], start_ns: int, end_ns: int, chunk_len: 
     return missing
 
 
-def _restart_and_time_the_stop(p: RunningPipeline, service: str, pid: int) -> int:
-    """``supervisorctl restart`` (stop, then start and wait ``startsecs``); returns when the
-    old process was gone, which is when the service stopped working (a graceful stop finishes
-    what it was doing first)."""
+def _restart_and_time_the_stop(p: RunningPipeline, service: str, pid: int) -> tuple[int, int]:
+    """``supervisorctl restart`` (stop, then start and wait ``startsecs``); returns when it was
+    asked for and when the old process was gone, which is when the service stopped working (a
+    graceful stop finishes what it was doing first)."""
+    asked = time.monotonic_ns()
     ctl = p.supervisorctl_popen("restart", service)
     gone = None
     while gone is None and ctl.poll() is None:
@@ -295,7 +296,7 @@ def _restart_and_time_the_stop(p: RunningPipeline, service: str, pid: int) -> in
         time.sleep(0.002)
     out, _ = ctl.communicate(timeout=60)
     assert ctl.returncode == 0 and gone is not None, out
-    return gone
+    return asked, gone
 
 
 def restart_fault(p: RunningPipeline, service: str, how: str, chunk_ms: float, settle_s: float = 2.0,
@@ -308,16 +309,17 @@ def restart_fault(p: RunningPipeline, service: str, how: str, chunk_ms: float, s
     heartbeat), the longest pause between chunks starting to play around the fault (as seen
     on the bus, so it includes telemetry delays), chunks of a stream never played, e2e before and after recovery,
     whether audio from before the fault was played after recovery (a stale backlog), and the
-    PIDs of every service before and after.
+    PIDs of every service before and after, and when the fault was asked for (a restart's
+    stop begins then: a graceful stop takes a while, a loaded machine's longer).
     """
     obs = p.observer
     pids_before = p.pids()
     t = time.monotonic_ns()
     before = e2e_stats(_window(obs.played(), t - int(settle_s * 1e9), t))
     if how == "kill":
-        t = p.kill(service)
+        t = asked = p.kill(service)
     else:
-        t = _restart_and_time_the_stop(p, service, pids_before[service])
+        asked, t = _restart_and_time_the_stop(p, service, pids_before[service])
     deadline = time.monotonic() + timeout
     if service == "monitor":
         back = None
@@ -339,4 +341,5 @@ def restart_fault(p: RunningPipeline, service: str, how: str, chunk_ms: float, s
         "before": before, "after": after,
         "stale_replayed": sum(1 for x in played if x.t_ns > back and x.t_capture_ns < t),
         "pids_before": pids_before, "pids_after": p.pids(), "t_fault_ns": t, "t_back_ns": back,
+        "t_asked_ns": asked,
     }
