@@ -11,6 +11,12 @@ factor under every variant in turn, so a machine that drifts over minutes moves 
     .venv/bin/python scripts/bench_pipeline.py --seconds 20 --factors 1 --json
     .venv/bin/python scripts/bench_pipeline.py --factors 1 --rounds 3 \
         --variant today= --variant adaptive="--set playback.adaptive=true"
+    .venv/bin/python scripts/bench_pipeline.py --factors 1 --breakdown   # where each chunk's e2e goes
+
+``--breakdown`` taps the pipeline's telemetry as the dashboard does and splits every chunk's
+e2e into the dashboard's parts (``services.dashboard.state.breakdown``), plus its arrival: when
+it reached playback after its first sample's capture (the parts before the buffer's wait), the
+figure a playout margin has to cover.
 """
 from __future__ import annotations
 
@@ -20,14 +26,58 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
+
+import numpy as np
+
+from common.bus import Bus
+from common.config import load_pipeline_config
+from common.tap import topics_for
+from services.dashboard.state import PARTS, DashboardState
 
 REPO = Path(__file__).resolve().parent.parent
 LLVC = Path(sys.executable).parent / "llvc"
 CLIP = REPO / "tests" / "data" / "174-50561-0000.wav"
 
 
-def run_once(factor: int, seconds: float, extra: list[str]) -> dict:
+class BreakdownTap:
+    """Every chunk's e2e split into the dashboard's parts, from the pipeline's telemetry (the
+    default endpoints, as ``llvc run`` uses them), in a thread: rows of ``[t, e2e, *parts]``."""
+
+    def __init__(self, seconds: float):
+        cfg = load_pipeline_config(None, env={})
+        self.state = DashboardState(10.0, 3, cfg.bus.heartbeat_interval_s, history_s=seconds + 3600)
+        self.cfg, self.stopping = cfg, False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with Bus(self.cfg, "tap") as bus:
+            sub = bus.subscriber(topics_for([], audio=True))
+            while not self.stopping:
+                record = sub.recv(timeout_ms=50)
+                if record is not None:
+                    self.state.add(record, time.monotonic(), time.time())
+
+    def rows(self) -> np.ndarray:
+        self.stopping = True
+        self.thread.join(5)
+        return np.array([p[1:] for p in self.state.parts.points], float).reshape(-1, 1 + len(PARTS))
+
+
+def breakdown_table(rows: np.ndarray) -> dict[str, list[float]]:
+    """p50/p99/p99.9 of each part, and of the arrival (every part before the buffer's wait)."""
+    names = [name for name, _ in PARTS]
+    cols = {name: rows[:, 1 + i] for i, name in enumerate(names)}
+    cols["arrival"] = rows[:, 1:1 + names.index("jitter_buffer")].sum(axis=1)
+    return {k: [round(float(np.percentile(v, q)), 2) for q in (50, 99, 99.9)] if len(v) else []
+            for k, v in cols.items()}
+
+
+def run_once(factor: int, seconds: float, extra: list[str], breakdown: bool = False) -> dict:
+    tap = BreakdownTap(seconds) if breakdown else None
     with tempfile.TemporaryDirectory(prefix="llvc-bench-") as tmp:
         report = Path(tmp) / "report.json"
         cmd = [str(LLVC), "run", "--source", f"file:{CLIP}", "--sink", "null", "-n", str(factor),
@@ -36,7 +86,11 @@ def run_once(factor: int, seconds: float, extra: list[str]) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
         if proc.returncode != 0 or not report.exists():
             raise SystemExit(f"llvc run failed at chunk factor {factor}: {proc.stderr.strip()[-500:]}")
-        return json.loads(report.read_text())
+        result = json.loads(report.read_text())
+    if tap is not None:
+        rows = tap.rows()
+        result["breakdown"] = {"chunks": len(rows), **breakdown_table(rows)}
+    return result
 
 
 def main() -> int:
@@ -47,6 +101,7 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
                     help="a named set of extra llvc run arguments, e.g. adaptive='--set playback.adaptive=true'")
     ap.add_argument("--json", action="store_true", help="print the reports as JSON instead of a table")
+    ap.add_argument("--breakdown", action="store_true", help="also split every chunk's e2e into its parts")
     ap.add_argument("extra", nargs="*", help="more llvc run arguments after --, e.g. -- -p G_500000.pth")
     args = ap.parse_args()
     variants = dict(v.partition("=")[::2] for v in args.variant) or {"": ""}
@@ -55,7 +110,8 @@ def main() -> int:
     for rnd in range(args.rounds):
         for factor in factors:
             for label, extra in variants.items():
-                rows.append((factor, label, rnd, run_once(factor, args.seconds, [*args.extra, *shlex.split(extra)])))
+                rows.append((factor, label, rnd, run_once(factor, args.seconds, [*args.extra, *shlex.split(extra)],
+                                                         args.breakdown)))
     if args.json:
         print(json.dumps([{"factor": f, "variant": v, "round": n, "report": r} for f, v, n, r in rows], indent=2))
         return 0
@@ -72,6 +128,16 @@ def main() -> int:
         print(f"{factor:>3} {label or '-':>10} {r['model']['chunk_ms']:>8g} {r['algorithmic_latency_ms']:>8.1f} "
               f"{e['p50']:>8.2f} {e['p95']:>7.2f} {e['p99']:>7.2f} {e['max']:>7.2f} {r['underruns']:>9} "
               f"{under_pct:>8.3f} {drops:>6} {inf['p50']:>8.2f} {inf['p95']:>8.2f} {r['rtf']:>6.2f}")
+    if args.breakdown:
+        parts = [name for name, _ in PARTS] + ["arrival"]
+        print("\nwhere e2e goes, ms: p50 / p99 / p99.9 per part (arrival: every part before the buffer's wait)")
+        head = f"{'cf':>3} {'variant':>10} {'chunks':>7} " + " ".join(f"{p[:20]:>20}" for p in parts)
+        print(head)
+        print("-" * len(head))
+        for factor, label, _, r in sorted(rows, key=lambda row: (row[0], list(variants).index(row[1]), row[2])):
+            b = r["breakdown"]
+            print(f"{factor:>3} {label or '-':>10} {b['chunks']:>7} "
+                  + " ".join(f"{' / '.join(f'{v:.2f}' for v in b[p]):>20}" for p in parts))
     return 0
 
 

@@ -37,7 +37,9 @@ timeline at once (a pause, as above), and when every recent arrival had more hea
 needed the timeline shrinks by a fraction of a millisecond at a time: that many samples are
 skipped at the start of a read, under a crossfade from the audio they replace. ``target_ms``
 is then only where a stream starts, and :attr:`JitterBuffer.target_ms` reports the current
-margin. The ``max_ms`` overflow rule applies either way.
+margin. The ``max_ms`` overflow rule applies either way. A shrink changes what is heard, not the
+stream: the read says what it skipped and what the crossfade covered (:class:`ReadResult`), so
+a recording aligned to the stream keeps every sample as converted.
 
 Storage is a ring of ``max_ms`` (plus a second of headroom for reads) with a validity mask:
 position ``p`` lives at ``p % capacity``. The overflow rule is applied *before* a chunk is
@@ -132,6 +134,11 @@ class ReadResult:
     ``out[stream_index : stream_index + stream_samples]`` are stream positions
     ``stream_offset ...`` of ``stream_id`` (real or invented); the rest of the block is silence
     outside any stream (before playout start, after ``source_end``, no stream).
+
+    After an adaptive shrink, ``skipped`` holds the stream positions it skipped (those just
+    before ``stream_offset``, never played) and ``unfaded`` the stream's own samples where
+    ``out`` begins with the crossfade over the cut: the stream as converted is ``skipped``,
+    then ``unfaded``, then the rest of the stream part of ``out``.
     """
 
     stream_id: str | None = None
@@ -144,6 +151,8 @@ class ReadResult:
     invented: int = 0          # underrun samples in this block
     started: bool = False      # the stream's playout began in this block
     drained: tuple[str, int] | None = None  # (stream_id, source_end) once, when it was passed
+    skipped: np.ndarray | None = None  # an adaptive shrink's skipped samples (see above)
+    unfaded: np.ndarray | None = None  # the stream's samples under that shrink's crossfade
 
 
 class JitterBuffer:
@@ -410,7 +419,8 @@ class JitterBuffer:
                 self._fade(out[k:k + p])
                 self._pause -= p
                 k += p
-            skipped = self._shrink() if self._skip and not self._pause else None
+            # (Not in a read the pause filled: the skip waits for one that plays the stream.)
+            skipped = self._shrink() if self._skip and not self._pause and k < n else None
             m = n - k
             pos = self.read_pos
             in_stream = m if self.source_end is None else max(0, min(m, self.source_end - pos))
@@ -419,9 +429,11 @@ class JitterBuffer:
             if in_stream:
                 self._play(out[k:k + in_stream], pos, res)
                 if skipped is not None:  # fade from the audio the shrink skipped into what follows
-                    f = min(len(skipped), in_stream)
-                    w = np.arange(1, f + 1, dtype=np.float32) / (len(skipped) + 1)
-                    out[k:k + f] = skipped[:f] * (1 - w) + out[k:k + f] * w
+                    res.skipped, replaced = skipped
+                    f = min(len(replaced), in_stream)
+                    res.unfaded = out[k:k + f].copy()
+                    w = np.arange(1, f + 1, dtype=np.float32) / (len(replaced) + 1)
+                    out[k:k + f] = replaced[:f] * (1 - w) + out[k:k + f] * w
                 for off in [o for o in self._starts if o < pos + in_stream]:
                     sid, seq, t_cap, arrival = self._starts.pop(off)
                     index = k + off - pos
@@ -437,21 +449,23 @@ class JitterBuffer:
                 self._retire(drained=True)
             return res
 
-    def _shrink(self) -> np.ndarray | None:
+    def _shrink(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Apply a pending adaptive shrink at the read position: skip those samples and return
-        the ones they replace, to fade from. Only inside continuous audio: if any of it is
-        missing, wait (a gap's own fade is there, and skipping into it would hide nothing)."""
+        them and the ones the skip replaces, to fade from. Only inside continuous audio: if any
+        of it is missing, wait (a gap's own fade is there, and skipping into it would hide
+        nothing)."""
         pos, s = self.read_pos, self._skip
         if (self.source_end is not None and pos + s + self.xfade > self.source_end) or \
                 not self._valid[self._slots(pos, s + self.xfade)].all():
             return None
         replaced = self._data[self._slots(pos, self.xfade)].copy()
+        skipped = self._data[self._slots(pos, s)].copy()
         self._discard(pos, pos + s)
         self.read_pos = pos + s
         self._skip = 0
         self.stats.timeline_shrinks += 1
         self.stats.shrunk_samples += s
-        return replaced
+        return skipped, replaced
 
     def _play(self, out: np.ndarray, pos: int, res: ReadResult) -> None:
         """Stream positions [pos, pos + len(out)): real samples, or a fade over the gaps."""

@@ -156,13 +156,20 @@ class WavRecorder:
                 self._save_state()
             elif res.stream_id != self.stream:
                 return self.finish("another stream started before the first one drained")
-            gap = res.stream_offset - self.written  # overflow skips, silence before the first chunk, a restart
+            # The stream as converted: an adaptive shrink changed what was heard, not the stream,
+            # so what it skipped and the samples under its crossfade are written as they were.
+            samples = block[res.stream_index:res.stream_index + res.stream_samples]
+            start = res.stream_offset
+            if res.unfaded is not None:
+                samples = np.concatenate([res.unfaded, samples[len(res.unfaded):]])
+            if res.skipped is not None:
+                samples = np.concatenate([res.skipped, samples])
+                start -= len(res.skipped)
+            gap = start - self.written  # overflow skips, silence before the first chunk, a restart
             if gap > MAX_FILE_GAP_S * SAMPLE_RATE:
                 return self.finish(f"the stream's timeline jumped {gap} samples ahead")
             self._pad(gap)
-            skip = max(0, -gap)  # already in the file (cannot happen within one process)
-            self._write(block[res.stream_index + min(skip, res.stream_samples):
-                              res.stream_index + res.stream_samples])
+            self._write(samples[max(0, -gap):])  # before the file's end: already in it
         if res.drained and res.drained[0] == self.stream:
             self._pad(res.drained[1] - self.written)
             self.finish("stream drained")

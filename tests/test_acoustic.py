@@ -118,7 +118,8 @@ def test_a_recording_times_each_sample_by_the_blocks_around_it():
         assert abs(rec.position(expected) - pos) <= 16, (block, rec.position(expected), pos)
 
 
-#: Runs to try before the monitor and the acoustic figure are called different. Both read
+#: Runs to try before the monitor and the acoustic figure are called different (or the speech
+#: clip's passage spoilt: underruns on a loaded machine cut it, 0.933 against 0.95 once). Both read
 #: PulseAudio's clocks, and a loaded 2-core machine sometimes moves PulseAudio's latency mid-run:
 #: one CI run saw bursts at 55.1 and then 59.7 ms while the monitor said 69.0 ms, and with two CPU
 #: burners beside the test they differ by 10-30 ms either way. A defect of the monitor's
@@ -138,17 +139,18 @@ def test_passthrough_is_heard_as_played_and_the_monitor_e2e_is_the_acoustic_late
         acoustic = m.median_ms
         # The monitor's figure for the same audio: chunks captured while the bursts went in.
         monitor = monitor_e2e_ms(played, min(m.times_ns), max(m.times_ns))
+        # The speech clip, aligned by the measured latency, comes out as it went in.
+        match = clip_match(a, b, speech, acoustic)
         print(f"\nattempt {attempt + 1}: e2e median: monitor {monitor:.2f} ms, acoustic {acoustic:.2f} ms "
-              f"(bursts {len(m.latencies_ms)}, {min(m.latencies_ms):.2f}-{max(m.latencies_ms):.2f} ms)")
-        seen.append((round(monitor, 2), round(acoustic, 2)))
-        if abs(monitor - acoustic) <= AGREE_MS:
+              f"(bursts {len(m.latencies_ms)}, {min(m.latencies_ms):.2f}-{max(m.latencies_ms):.2f} ms); "
+              f"speech clip match {match:.3f}")
+        seen.append((round(monitor, 2), round(acoustic, 2), round(match, 3)))
+        if abs(monitor - acoustic) <= AGREE_MS and match >= 0.95:
             break
     else:
-        raise AssertionError(f"the monitor's e2e median and the acoustic one differ by more than {AGREE_MS} ms "
-                             f"in all {ATTEMPTS} runs (monitor, acoustic): {seen}")
-
-    # The speech clip, aligned by the measured latency, comes out as it went in.
-    assert clip_match(a, b, speech, acoustic) >= 0.95
+        raise AssertionError(f"in all {ATTEMPTS} runs the monitor's e2e median and the acoustic one differ by more "
+                             f"than {AGREE_MS} ms or the speech clip matched below 0.95 "
+                             f"(monitor, acoustic, match): {seen}")
 
 
 def test_llvc_model_runs_on_devices_without_underruns_at_steady_state(pulse, tmp_path, ref_default_artifact):

@@ -149,3 +149,31 @@ def test_adaptive_bounds_in_the_config_are_one_clear_line(override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
     # The same values are fine while adaptive playout is off: they are not used.
     playback_settings(load_pipeline_config(env={}, overrides=override))
+
+
+def test_a_recording_keeps_every_sample_a_shrink_skipped(tmp_path):
+    """A shrink changes what is heard, not the stream: a file sink or ``playback.record`` holds
+    the stream as converted, sample for sample, while the output heard is shorter."""
+    import soundfile as sf
+
+    from services.recorder import WavRecorder
+
+    jb = adaptive_buffer(target_ms=10.0, window_s=0.5)
+    n = 400
+    sig = (0.1 * np.random.default_rng(3).standard_normal(n * C)).astype(np.float32)
+    out, _, results = run(jb, sig, np.full(n, 1.0), n)
+    quiet = lambda *a, **k: None  # noqa: E731
+    rec = WavRecorder(str(tmp_path / "rec.wav"), "playback.record", "record", quiet, quiet)
+    rec.open()
+    for i, (_, res) in enumerate(results):
+        rec.consume(res, out[i * BLOCK:(i + 1) * BLOCK])
+    rec.finish("test")
+    got, sr = sf.read(tmp_path / "rec.wav", dtype="float32")
+    print(f"{jb.stats.timeline_shrinks} shrinks skipped {jb.stats.shrunk_samples} samples; "
+          f"recorded {len(got)} of {len(sig)}")
+    assert jb.stats.timeline_shrinks >= 10 and jb.stats.underruns == 0
+    assert len(got) >= len(sig) - 2 * C  # to where the reads stopped
+    np.testing.assert_array_equal(got, sig[:len(got)])
+    # ... while what was heard skipped them (the heard stream is that much shorter).
+    heard = out[np.flatnonzero(out)[0]:]
+    assert not np.array_equal(heard[:len(got) // 2], sig[:len(got) // 2])
