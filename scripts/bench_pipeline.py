@@ -35,6 +35,7 @@ import numpy as np
 from common.bus import Bus
 from common.config import load_pipeline_config
 from common.tap import topics_for
+from common.telemetry import AudioHeader
 from services.dashboard.state import PARTS, DashboardState
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +50,7 @@ class BreakdownTap:
     def __init__(self, seconds: float):
         cfg = load_pipeline_config(None, env={})
         self.state = DashboardState(10.0, 3, cfg.bus.heartbeat_interval_s, history_s=seconds + 3600)
+        self.arrivals: list[tuple[int, int, int, int]] = []  # (offset, n_samples, t_capture_ns, t_recv_ns)
         self.cfg, self.stopping = cfg, False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -60,6 +62,8 @@ class BreakdownTap:
                 record = sub.recv(timeout_ms=50)
                 if record is not None:
                     self.state.add(record, time.monotonic(), time.time())
+                    if isinstance(record, AudioHeader) and record.service == "playback" and record.t_recv_ns:
+                        self.arrivals.append((record.offset, record.n_samples, record.t_capture_ns, record.t_recv_ns))
 
     def rows(self) -> np.ndarray:
         self.stopping = True
@@ -76,8 +80,9 @@ def breakdown_table(rows: np.ndarray) -> dict[str, list[float]]:
             for k, v in cols.items()}
 
 
-def run_once(factor: int, seconds: float, extra: list[str], breakdown: bool = False) -> dict:
-    tap = BreakdownTap(seconds) if breakdown else None
+def run_once(factor: int, seconds: float, extra: list[str], breakdown: bool = False,
+             trace: Path | None = None) -> dict:
+    tap = BreakdownTap(seconds) if breakdown or trace else None
     with tempfile.TemporaryDirectory(prefix="llvc-bench-") as tmp:
         report = Path(tmp) / "report.json"
         cmd = [str(LLVC), "run", "--source", f"file:{CLIP}", "--sink", "null", "-n", str(factor),
@@ -90,6 +95,9 @@ def run_once(factor: int, seconds: float, extra: list[str], breakdown: bool = Fa
     if tap is not None:
         rows = tap.rows()
         result["breakdown"] = {"chunks": len(rows), **breakdown_table(rows)}
+        if trace is not None:  # every chunk playback received, late ones too: scripts/replay_playout.py
+            a = np.array(tap.arrivals, np.int64).reshape(-1, 4)
+            np.savez(trace, offset=a[:, 0], n_samples=a[:, 1], t_capture_ns=a[:, 2], t_recv_ns=a[:, 3])
     return result
 
 
@@ -102,6 +110,9 @@ def main() -> int:
                     help="a named set of extra llvc run arguments, e.g. adaptive='--set playback.adaptive=true'")
     ap.add_argument("--json", action="store_true", help="print the reports as JSON instead of a table")
     ap.add_argument("--breakdown", action="store_true", help="also split every chunk's e2e into its parts")
+    ap.add_argument("--trace", type=Path, metavar="DIR",
+                    help="save every chunk's arrival at playback per run (cf<N>-<variant>-<round>.npz) for "
+                         "scripts/replay_playout.py")
     ap.add_argument("extra", nargs="*", help="more llvc run arguments after --, e.g. -- -p G_500000.pth")
     args = ap.parse_args()
     variants = dict(v.partition("=")[::2] for v in args.variant) or {"": ""}
@@ -110,8 +121,11 @@ def main() -> int:
     for rnd in range(args.rounds):
         for factor in factors:
             for label, extra in variants.items():
+                trace = args.trace / f"cf{factor}-{label or 'run'}-{rnd}.npz" if args.trace else None
+                if trace is not None:
+                    args.trace.mkdir(parents=True, exist_ok=True)
                 rows.append((factor, label, rnd, run_once(factor, args.seconds, [*args.extra, *shlex.split(extra)],
-                                                         args.breakdown)))
+                                                         args.breakdown, trace)))
     if args.json:
         print(json.dumps([{"factor": f, "variant": v, "round": n, "report": r} for f, v, n, r in rows], indent=2))
         return 0

@@ -65,8 +65,9 @@ class PlaybackSettings:
     # margin follows the arrivals between target_min_ms and target_max_ms.
     adaptive: bool = setting(False)
     target_min_ms: float = setting(1.0, non_negative)
-    target_max_ms: float = setting(30.0, positive)
-    adapt_window_s: float = setting(15.0, positive)
+    target_max_ms: float = setting(12.0, positive)
+    adapt_window_s: float = setting(30.0, positive)
+    adapt_coverage: float = setting(1.0)
     block_ms: float = setting(2.0, lambda v: positive(v) or (None if v <= 1000 else "must be <= 1000"))
     fade_ms: float = setting(2.0, non_negative)
     device_latency: str | float = setting("low", latency_problem)
@@ -78,11 +79,20 @@ class PlaybackSettings:
             yield "max_ms", f"must be above target_ms ({self.target_ms:g}), got {self.max_ms:g}"
         if self.adaptive and self.target_max_ms <= self.target_min_ms:
             yield "target_max_ms", f"must be above target_min_ms ({self.target_min_ms:g}), got {self.target_max_ms:g}"
+        if self.adaptive and not 0.5 <= self.adapt_coverage <= 1.0:
+            yield "adapt_coverage", f"must be in [0.5, 1], got {self.adapt_coverage:g}"
         if self.adaptive and self.target_max_ms >= self.max_ms:
             yield "target_max_ms", f"must be below max_ms ({self.max_ms:g}), got {self.target_max_ms:g}"
         sink_file = self.sink.partition(":")[2] if self.sink.startswith("file:") else ""
         if self.record and sink_file and os.path.realpath(self.record) == os.path.realpath(sink_file):
             yield "record", f"names the sink's own file ({self.record}); record to another path"
+
+
+def jitter_buffer(s: PlaybackSettings) -> JitterBuffer:
+    """The jitter buffer these settings describe (also what scripts/replay_playout.py replays)."""
+    adaptive = (AdaptivePlayout(s.target_min_ms, s.target_max_ms, s.adapt_window_s, coverage=s.adapt_coverage)
+                if s.adaptive else None)
+    return JitterBuffer(s.target_ms, s.max_ms, s.fade_ms, adaptive=adaptive)
 
 
 def playback_settings(cfg, args: argparse.Namespace | None = None) -> PlaybackSettings:
@@ -125,8 +135,7 @@ class PlaybackService(Service):
 
     def setup(self) -> None:
         self.settings = s = playback_settings(self.cfg, self.args)
-        adaptive = AdaptivePlayout(s.target_min_ms, s.target_max_ms, s.adapt_window_s) if s.adaptive else None
-        self.jb = JitterBuffer(s.target_ms, s.max_ms, s.fade_ms, adaptive=adaptive)
+        self.jb = jitter_buffer(s)
         self.sink = make_sink(s, self.log)
         self.sink.open()  # first: a sink that cannot open is a one-line exit 2, before any socket
         self.monitor_out = make_monitor(s, self.log)

@@ -52,11 +52,15 @@ MIN_ARRIVALS = 32
 class AdaptivePlayout:
     """See the module docstring. All amounts are samples; times are monotonic ns."""
 
-    def __init__(self, floor_ms: float, ceiling_ms: float, window_s: float, sample_rate: int = SAMPLE_RATE):
+    def __init__(self, floor_ms: float, ceiling_ms: float, window_s: float, sample_rate: int = SAMPLE_RATE,
+                 coverage: float = 1.0):
         if not 0 <= floor_ms < ceiling_ms:
             raise ValueError(f"need 0 <= floor_ms < ceiling_ms, got {floor_ms} and {ceiling_ms}")
         if window_s <= 0:
             raise ValueError(f"window_s must be positive, got {window_s}")
+        if not 0.5 <= coverage <= 1.0:
+            raise ValueError(f"coverage must be in [0.5, 1], got {coverage}")
+        self.coverage = coverage
         self.sr = sample_rate
         self.floor = ms_to_samples(floor_ms, sample_rate)
         self.ceiling = ms_to_samples(ceiling_ms, sample_rate)
@@ -82,6 +86,12 @@ class AdaptivePlayout:
             return None
         return int(np.median(self.headrooms()[-RECENT:]))
 
+    def _covered(self, h: np.ndarray) -> int:
+        """The least headroom among the ``coverage`` share of the window that arrived earliest
+        relative to the timeline: all of it at 1.0 (the window's minimum)."""
+        k = min(len(h) - 1, int((1.0 - self.coverage) * len(h)))
+        return int(np.partition(h, k)[k]) if k else int(h.min())
+
     def moved(self, delta: int) -> None:
         """The timeline moved by ``delta`` samples for another reason (an overflow trim)."""
         self._shift += delta
@@ -95,10 +105,11 @@ class AdaptivePlayout:
         self._since += 1
         h = self.headrooms()
         margin = int(np.median(h[-RECENT:]))
+        covered = self._covered(h)
         if headroom < 0:
-            move = max(0, min(self.safety - headroom, self.ceiling - margin, room))
+            move = max(0, min(self.safety - covered, self.ceiling - margin, room))
         elif self._since >= SHRINK_EVERY and len(h) >= MIN_ARRIVALS:
-            move = -max(0, min(self.step, int(h.min()) - self.safety, margin - self.floor))
+            move = -max(0, min(self.step, covered - self.safety, margin - self.floor))
         else:
             move = 0
         if move:

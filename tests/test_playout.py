@@ -127,16 +127,42 @@ def test_a_duplicate_or_retransmitted_chunk_does_not_grow_the_timeline():
     assert jb.stats.dropped_late == 1 and jb.stats.timeline_grows == 0
 
 
+def test_with_coverage_below_one_a_rare_late_chunk_is_lost_and_a_recurring_lateness_is_covered():
+    n = 1200  # 15.6 s; the window (5 s) holds ~385 arrivals, so 1 % of it is ~4
+    delays = np.full(n, 1.0)
+    delays[300] = delays[700] = 12.0  # two lone 11 ms spikes, far apart
+    delays[1000:1040:4] = 10.0        # then one chunk in four 9 ms late for half a second
+    sig = tone(n * C)
+    every = adaptive_buffer(target_ms=3.0, window_s=5.0)
+    _, e2e_every, _ = run(every, sig, delays, n)
+    most = JitterBuffer(3.0, 60.0, 2.0, adaptive=AdaptivePlayout(1.0, 30.0, 5.0, coverage=0.99))
+    _, e2e, _ = run(most, sig, delays, n)
+    print("coverage 1.0:", every.stats, [round(e2e_every[k], 2) for k in (290, 900, 1100)])
+    print("coverage 0.99:", most.stats, [round(e2e[k], 2) for k in (290, 900, 1100)])
+    # Covering every arrival: the first spike grows the timeline, and nothing later is lost.
+    assert every.stats.timeline_grows >= 1 and every.stats.dropped_late == 1
+    # Covering 99 %: the lone spikes are lost instead, and latency stays where the rest need it ...
+    assert 300 not in e2e and 700 not in e2e
+    assert e2e[900] < e2e_every[900] - 5.0
+    # ... while lateness that recurs (more than 1 % of the window) is covered after a few.
+    assert most.stats.timeline_grows >= 1
+    assert most.stats.dropped_late <= 2 + 5
+    assert e2e[1100] > e2e[900] + 6.0
+
+
 def test_bad_bounds_are_refused():
     with pytest.raises(ValueError, match="floor_ms < ceiling_ms"):
         AdaptivePlayout(5.0, 5.0, 1.0)
     with pytest.raises(ValueError, match="window_s"):
         AdaptivePlayout(1.0, 5.0, 0.0)
+    with pytest.raises(ValueError, match="coverage"):
+        AdaptivePlayout(1.0, 5.0, 1.0, coverage=0.3)
 
 
 @pytest.mark.parametrize("override, message", [
     (["playback.target_min_ms=8", "playback.target_max_ms=8"], "playback.target_max_ms: must be above target_min_ms"),
     (["playback.target_max_ms=70"], "playback.target_max_ms: must be below max_ms (60)"),
+    (["playback.adapt_coverage=1.5"], "playback.adapt_coverage: must be in [0.5, 1]"),
 ])
 def test_adaptive_bounds_in_the_config_are_one_clear_line(override, message):
     from common.config import PipelineConfigError, load_pipeline_config

@@ -85,7 +85,7 @@ def test_errors_name_key_and_source():
         cfg.settings("capture", CaptureSettings)
     assert str(err.value) == "--set capture.level: capture.level: must be in [0, 1], got a float 2.0"
     with pytest.raises(PipelineConfigError, match=r"--set playback.colour: playback\.colour: unknown key "
-                                                  r"\(known: adapt_window_s"):
+                                                  r"\(known: adapt_coverage, adapt_window_s"):
         load_pipeline_config(env={}, overrides=["playback.colour=1"]).settings("playback", PlaybackSettings)
     with pytest.raises(PipelineConfigError, match=r"env LLVC__PLAYBACK__TARGET_MS: playback\.target_ms: must be a "
                                                   r"number, got a boolean true"):
