@@ -118,12 +118,12 @@ def main() -> int:
     variants = dict(v.partition("=")[::2] for v in args.variant) or {"": ""}
     factors = [int(f) for f in args.factors.split(",")]
     rows = []  # (factor, variant, round, report)
+    if args.trace:
+        args.trace.mkdir(parents=True, exist_ok=True)
     for rnd in range(args.rounds):
         for factor in factors:
             for label, extra in variants.items():
                 trace = args.trace / f"cf{factor}-{label or 'run'}-{rnd}.npz" if args.trace else None
-                if trace is not None:
-                    args.trace.mkdir(parents=True, exist_ok=True)
                 rows.append((factor, label, rnd, run_once(factor, args.seconds, [*args.extra, *shlex.split(extra)],
                                                          args.breakdown, trace)))
     if args.json:
