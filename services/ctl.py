@@ -122,10 +122,18 @@ def _shown(value) -> str:
 
 
 def _await_swap(client, req: ControlRequest, timeout_ms: int, wait_s: float) -> ControlReply:
-    """Poll status until the voice asked for is swapped in, or its load failed."""
+    """Poll status until the voice asked for is swapped in, or its load failed.
+
+    A poll that goes unanswered is asked again until ``wait_s`` is up: the load was accepted,
+    and on a small machine it may keep inference from answering for a few seconds."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        reply = client.request(ControlRequest("status"), timeout_ms)
+        try:
+            reply = client.request(ControlRequest("status"), timeout_ms)
+        except ControlError:
+            if time.monotonic() >= deadline:
+                raise
+            continue
         st = reply.state
         last = st.get("last_switch") or {}
         if not st.get("loading") and last:

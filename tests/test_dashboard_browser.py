@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from common.telemetry import Heartbeat
+from models.spec import ModelSpec
 from services.lab.endpoints import private_sets
 from services.lab.harness import RunningPipeline
 from services.sessions import session_name
@@ -139,9 +140,13 @@ def test_the_page_shows_a_live_pipeline_and_costs_it_nothing(tmp_path):
               f"dashboard pid {pids['dashboard']} -> {after['dashboard']}")
         assert {k: v for k, v in after.items() if k != "dashboard"} == {k: v for k, v in pids.items()
                                                                           if k != "dashboard"}
-        # A wide margin: one noisy second here costs several, and supervisord starting the new
-        # dashboard beside the suite cost 9 of the ~300 chunks in one CI run (baseline 0).
-        assert lost <= 2 * baseline + 12
+        # Were the dashboard on the audio path, audio would stop with it: every chunk of the 4 s
+        # (~300) lost, or at least those of its restart. Starting a new process on a loaded 2-core
+        # machine costs some by CPU contention alone (9 of ~300 in one CI run, 37 in another whose
+        # compute step was 3x this machine's), so the bound is a share of the window, not a count.
+        window_chunks = 4000 / ModelSpec.resolve(None, None).geometry.chunk_ms
+        print(f"  bound: {2 * baseline + 0.3 * window_chunks:.0f} of the window's {window_chunks:.0f} chunks")
+        assert lost <= 2 * baseline + 0.3 * window_chunks
         assert after["dashboard"] not in (0, pids["dashboard"])  # supervisord brought it back
         assert get_json(url + "api/state")["version"] == 1
         report = p.stop()

@@ -202,15 +202,23 @@ def test_late_chunks_are_dropped_late_part_only(tmp_path):
         c = pb.heartbeat()["counters"]
         late_end = 10 * C + c["late_samples"]   # the read position when the burst came
         assert 15 * C < late_end < 20 * C, c
-        assert c["dropped_late"] == len([k for k in range(10, 20) if k * C < late_end])
-        assert c["underruns"] == 1 and c["underrun_samples"] == c["late_samples"]
+        # Normally the burst arrives at once: chunks 10.. wholly late up to the read position,
+        # one partly, the rest played. On a loaded machine the read position may move on while
+        # the burst is still arriving, so the exact split is not asserted, only its accounting:
+        # a chunk is counted late exactly when its first sample was not played.
+        seqs = [t["seq"] for t in pb.of("chunk")]
+        burst_played = [k for k in seqs if 10 <= k < 20]
+        assert [k for k in seqs if not 10 <= k < 20] == [*range(10), *range(20, 40)]
+        assert c["dropped_late"] == 10 - len(burst_played), (c, seqs)
+        assert c["underruns"] >= 1 and c["underrun_samples"] == c["late_samples"]
         assert c["lost_samples"] == 0                 # all of it was sent: late, not lost
         got, _ = sf.read(out, dtype="float32")
         assert len(got) == len(sig)
         np.testing.assert_array_equal(got[:10 * C], sig[:10 * C])
-        np.testing.assert_array_equal(got[late_end + 32:], sig[late_end + 32:])
-        seqs = [t["seq"] for t in pb.of("chunk")]
-        assert seqs == [k for k in range(40) if k < 10 or k * C >= late_end]
+        np.testing.assert_array_equal(got[20 * C:], sig[20 * C:])
+        # Only the late samples were replaced (silence, and a 2 ms fade in after each run).
+        assert (got != sig).sum() <= c["late_samples"] + 32 * c["underruns"]
+        print(f"late: {c['dropped_late']} chunks, {c['late_samples']} samples, {c['underruns']} underrun(s)")
     finally:
         pb.close()
 
