@@ -16,15 +16,18 @@ Overflow: right after a chunk arrives, the buffered-ahead audio is normally that
 ``target_ms``. Slack beyond that which every one of the last ``TRIM_WINDOW`` arrivals had, when
 it exceeds ``max(target_ms, 3 ms)``, means the timeline sits later than the arrivals need (a
 slow first chunk set it): the oldest audio is dropped to pull the timeline earlier by exactly
-that slack, so latency converges instead of keeping a bad start for the whole run. Above
-``max_ms`` (the sink stalled, a burst) it trims at once so that this chunk plus ``target_ms``
-remain.
+that slack, so latency converges instead of keeping a bad start for the whole run. When what is
+buffered beyond the chunk just arrived exceeds ``max_ms`` (the sink stalled, a burst) it trims
+at once so that this chunk plus ``target_ms`` remain. ``max_ms``, like ``target_ms``, counts
+beyond the chunk: a limit on the whole fill would leave a 52 ms chunk (chunk factor 4) 2 ms of
+jitter under the default 60 ms before every early arrival was trimmed.
 
 Growth: when chunks keep arriving after their place was played (at least ``GROW_LATE`` of the
 last ``GROW_WINDOW`` arrivals, spread over at least ``GROW_SPAN_MS`` of arrival time: an
 inference that cannot keep up, a congested link), the timeline moves later: reads pause for the
 median lateness of those arrivals plus ``target_ms`` (silence, counted as ``grown_samples``),
-capped so that neither the buffer's fill nor the timeline's total growth exceeds ``max_ms``.
+capped so that neither the buffer's fill (beyond a chunk) nor the timeline's total growth
+exceeds ``max_ms``.
 Without it a fixed timeline set while things were fast drops everything once they are slow.
 One late burst (a stall: its chunks arrive together) does not grow it. Once the
 lateness is over, slack that persists over ``TRIM_WINDOW`` arrivals is given back, down to
@@ -41,7 +44,8 @@ margin. The ``max_ms`` overflow rule applies either way. A shrink changes what i
 stream: the read says what it skipped and what the crossfade covered (:class:`ReadResult`), so
 a recording aligned to the stream keeps every sample as converted.
 
-Storage is a ring of ``max_ms`` (plus a second of headroom for reads) with a validity mask:
+Storage is a ring of ``max_ms`` plus a second (a chunk, and headroom for reads; chunks are
+far shorter than a second) with a validity mask:
 position ``p`` lives at ``p % capacity``. The overflow rule is applied *before* a chunk is
 stored, so stored positions never alias.
 """
@@ -90,7 +94,7 @@ class JitterStats:
     chunks_played: int = 0       # chunks whose first sample reached the output
     dropped_late: int = 0        # chunks wholly or partly dropped because their place was played
     late_samples: int = 0        # samples those drops removed
-    dropped_overflow: int = 0    # overflow corrections (fill above max_ms)
+    dropped_overflow: int = 0    # overflow corrections (fill beyond the chunk above max_ms)
     overflow_samples: int = 0    # buffered samples they discarded
     dropped_old_stream: int = 0  # chunks of a stream already replaced or drained
     underruns: int = 0           # runs of invented samples inside an active stream
@@ -324,7 +328,7 @@ class JitterBuffer:
                 # Lateness made the timeline grow and is over: give the growth back, down to
                 # a millisecond, so that latency returns to where it was before.
                 new_pos = self.read_pos + min(spare, self._grown)
-        if self.newest_end - self.read_pos > self.max:
+        if self.newest_end - self.read_pos > self._limit(n_new):
             new_pos = self.newest_end - (n_new + self.target)
         if new_pos is not None:
             self._slack.clear()
@@ -347,6 +351,11 @@ class JitterBuffer:
                 self._starts[offset] = (stream_id, seq, t_capture_ns, arrival_ns)
         return PutResult(new_stream=new, stored=max(0, end - first), late=late, overflow=overflow)
 
+    def _limit(self, n_new: int) -> int:
+        """The most audio buffered ahead once a chunk of ``n_new`` samples is in: the chunk
+        plus ``max_ms`` (counted beyond the chunk, as ``target_ms`` is)."""
+        return n_new + self.max
+
     def _restart_timeline(self, offset: int, arrival_ns: int) -> None:
         self.read_pos = self.newest_end = offset
         self._start_ns = arrival_ns + self.target_ns
@@ -360,8 +369,9 @@ class JitterBuffer:
 
     def _adapt(self, headroom: int, arrival_ns: int, n_new: int) -> None:
         """Adaptive playout: let the controller see this arrival and apply its move."""
-        # Growth stays within the buffer too: what is buffered ahead plus the pause under max_ms.
-        room = self.max - max(0, self.newest_end - self.read_pos) - self._pause - n_new
+        # Growth stays within the buffer too: what is buffered ahead plus the pause within the
+        # limit, a chunk's worth below it so that the next arrival does not trim what it grew.
+        room = self._limit(n_new) - max(0, self.newest_end - self.read_pos) - self._pause - n_new
         move = self.adaptive.arrived(headroom, arrival_ns, max(0, room))
         if move > 0:
             self._pause += move
@@ -378,7 +388,7 @@ class JitterBuffer:
         # Bounded twice by max_ms: the buffer's fill, and the timeline's total growth (after a
         # long stall the read position runs ahead of the data, and growth after growth would
         # otherwise follow every retransmission stall of a lossy link).
-        room = min(self.max - max(0, self.newest_end - self.read_pos) - self._pause - n_new,
+        room = min(self._limit(n_new) - max(0, self.newest_end - self.read_pos) - self._pause - n_new,
                    self.max - self.target - self._grown)
         grow = min(int(np.median([x for _, x in late])) + self.target, room)
         if grow <= 0:

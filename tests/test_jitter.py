@@ -145,11 +145,11 @@ def test_overflow_drops_oldest_back_to_target():
     sig = signal(8 * C)
     burst = lambda k: 0 if k == 0 else 1 * MS  # noqa: E731 - chunks 1-4 right after chunk 0
     out, results = simulate(jb, chunk_puts(jb, sig, range(5), burst), blocks_for(5))
-    # Bound: min(max 320, chunk 208 + target 64 + max(target, 3 ms) 64) = 320. Each of chunks
-    # 1-4 overshoots it and the read position moves to keep that chunk plus target:
-    # 416 - 272 = 144, then 352, 560 and finally 1040 - 272 = 768.
+    # Bound: the chunk 208 + max 320 = 528 buffered ahead. Chunk 2 overshoots it (624) and the
+    # read position moves to keep that chunk plus target: 624 - 272 = 352; chunk 3 stays within
+    # it (832 - 352 = 480), chunk 4 does not (688): 1040 - 272 = 768.
     first_kept = 4 * C - 64
-    assert jb.stats.dropped_overflow == 4
+    assert jb.stats.dropped_overflow == 2
     assert jb.stats.overflow_samples == first_kept       # everything below was dropped, once
     got = stream_samples(results, out)
     assert min(got) == first_kept
@@ -157,13 +157,34 @@ def test_overflow_drops_oldest_back_to_target():
     assert [s.seq for _, r in results for s in r.starts] == [4]  # the only start still ahead
 
 
-def test_fill_never_exceeds_max():
+def test_fill_beyond_the_chunk_never_exceeds_max():
     jb = JitterBuffer(target_ms=4, max_ms=20, fade_ms=2)
     sig = signal(30 * C)
     for k in range(30):
         put_chunk(jb, sig, k, 0)
-        assert jb.fill <= jb.max
+        assert jb.fill <= C + jb.max
     assert jb.stats.dropped_overflow > 0
+
+
+def test_max_ms_counts_beyond_the_chunk_so_long_chunks_keep_their_jitter_room():
+    # Chunk factor 4: 52 ms chunks, the default 6 ms target and 60 ms max. Arrivals 4 ms early
+    # and 4 ms late in turn: the early ones fill 52 + 6 + 4 = 62 ms, which a limit on the whole
+    # fill (60 ms) trimmed, and each trim made the next late chunk an underrun.
+    big = 4 * C
+    jb = JitterBuffer(target_ms=6, max_ms=60, fade_ms=2)
+    n = 20
+    sig = signal(n * big)
+
+    def arrival(k):
+        return k * big * NS + (0 if k == 0 else (-4 if k % 2 else 4) * MS)
+
+    puts = [(arrival(k), lambda k=k: jb.put("s", k * big, sig[k * big:(k + 1) * big], arrival(k), seq=k,
+                                            t_capture_ns=k * big * NS))
+            for k in range(n)]
+    out, results = simulate(jb, puts, (n * big + 6 * 16) // BLOCK)
+    got = stream_samples(results, out)
+    assert jb.stats.dropped_overflow == 0 and jb.stats.underruns == 0 and jb.stats.dropped_late == 0
+    assert sorted(got) == list(range(n * big)) and all(got[p] == sig[p] for p in range(n * big))
 
 
 def test_new_stream_switches_and_old_stragglers_are_dropped():
