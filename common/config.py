@@ -84,8 +84,9 @@ REQUIRED_ENDPOINTS: dict[str, tuple[str, ...]] = {
 #: Services that only tap telemetry: they bind no endpoint and publish nothing.
 TAPS = ("dashboard",)
 #: Tables of settings that their users validate: the shared ``[model]``, ``[control]`` (the
-#: live settings' starting values) and one per service.
-SETTINGS_TABLES = ("model", "control") + SERVICES + TAPS
+#: live settings' starting values), ``[realtime]`` (the audio services' scheduling) and one per
+#: service.
+SETTINGS_TABLES = ("model", "control", "realtime") + SERVICES + TAPS
 _TABLES = ("endpoints", "bus", "security") + SETTINGS_TABLES
 _ENDPOINT_KEYS = ("connect", "bind", "binder")
 # Env names are lower-cased and split on "__", so only such names can be reached from the env.

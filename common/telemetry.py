@@ -32,7 +32,8 @@ ignored, and an event name it does not know decodes as :class:`OtherEvent`. 1.1 
 :class:`VoiceSwitch` and :class:`InferenceStatus`' ``controls`` and ``voice``; 1.3 added
 sessions (:mod:`services.sessions`): the ``session`` label on :class:`InferenceChunk`,
 :class:`Reset` and :class:`PlaybackChunk`, :class:`SessionChange`, and :class:`InferenceStatus`'
-``sessions``, ``max_streams`` and ``batch_sizes``; a subscriber
+``sessions``, ``max_streams`` and ``batch_sizes``; 1.4 added the audio services' status field
+``scheduling`` (:mod:`common.realtime`); a subscriber
 by topic prefix (``heartbeat.``, ``chunk.``, ``event.``) never sees a type it does not know.
 
 **Counters** (in heartbeats) are cumulative since the publishing process started; the monitor
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 #: ``(major, minor)`` of the records this module writes (``data["schema"]``).
-SCHEMA_VERSION = (1, 3)
+SCHEMA_VERSION = (1, 4)
 
 
 class TelemetryError(ProtocolError):
@@ -176,6 +177,7 @@ class CaptureStatus:
     offset: int
     device: str | None = None
     device_rate: int | None = None
+    scheduling: str | None = None   # (1.4) how the process is scheduled (common/realtime.py)
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ class InferenceStatus:
     sessions: list[dict[str, Any]] | None = None  # (1.3) each session: name, stream_id, slot, counters
     max_streams: int | None = None               # (1.3) sessions admitted at most
     batch_sizes: dict[str, int] | None = None     # (1.3) batched steps so far, by how many sessions each held
+    scheduling: str | None = None                # (1.4) how the process is scheduled (common/realtime.py)
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ class PlaybackStatus:
     record_samples: int | None = None        # record's recorder
     record_open: bool | None = None
     session: str | None = None               # (1.3) the client session it plays
+    scheduling: str | None = None            # (1.4) how the process is scheduled (common/realtime.py)
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,11 @@ from typing import Any
 
 from common.config import PipelineConfig, PipelineConfigError, add_config_arguments, config_from_args
 from common.files import write_atomic
+from common.realtime import MAX_PRIORITY, Scheduling, freeze_garbage, request_fifo
 from common.settings import at_least, one_of, setting
 from common.telemetry import Counter, Event, Heartbeat, Record, Reject, SoundFrame
+
+from . import early_stop
 
 #: Exit status of a service whose setup failed (bad config, missing file, port in use).
 SETUP_FAILED = 2
@@ -116,10 +119,21 @@ class RateLimited:
 
 
 # --------------------------------------------------------------------------- services
+@dataclass(frozen=True)
+class RealtimeSettings:
+    """The ``[realtime]`` table: how the audio path's processes (capture, inference, playback)
+    are scheduled once set up (:mod:`common.realtime`); the monitor and dashboard never change."""
+
+    priority: int = setting(0, lambda v: None if 0 <= v <= MAX_PRIORITY else
+                            f"must be 0 (normal scheduling) or 1..{MAX_PRIORITY} (SCHED_FIFO)")
+
+
 class Service:
     """Base class: subclasses set :attr:`name` and implement setup / loop_once / teardown."""
 
     name = "service"
+    #: On the audio path: scheduled by ``[realtime]`` (see :func:`run_service`).
+    audio_path = False
 
     def __init__(self, cfg: PipelineConfig, args: argparse.Namespace | None = None):
         self.cfg = cfg
@@ -133,6 +147,8 @@ class Service:
         self._mirrors: list[Callable[[], Mapping[str, int]]] = []
         self._reports: dict[str, tuple[RateLimited, str, str, type[Event] | None]] = {}
         self._receivers: list[tuple[Any, list[int]]] = []
+        #: How this process is scheduled, once set up (a status field of the audio services).
+        self.scheduling: Scheduling | None = None
 
     # ------------------------------------------------------------------ to override
     def setup(self) -> None:
@@ -293,11 +309,14 @@ def run_service(service: Service) -> int:
     """
     signal.signal(signal.SIGTERM, service.request_stop)
     signal.signal(signal.SIGINT, service.request_stop)
+    if early_stop.asked():
+        service.request_stop()  # asked while the process was still importing: stop at once
     record = _exit_record_path(service.name)
     if record is not None:
         record.unlink(missing_ok=True)  # an earlier process's: this one is running now
     try:
         service.setup()
+        _schedule(service)
     except Exception as exc:  # noqa: BLE001 - any setup failure ends the process with one line
         error = " ".join(str(exc).split()) or type(exc).__name__
         service.log("error", f"cannot start: {error}", error=type(exc).__name__)
@@ -339,6 +358,20 @@ def run_service(service: Service) -> int:
     service.log("info", "stopped")
     _record_exit(service.name, status, error)
     return status
+
+
+def _schedule(service: Service) -> None:
+    """After set-up, before the loop: freeze what set-up built out of the garbage collector's
+    sight, and move an audio-path service to SCHED_FIFO if ``realtime.priority`` asks for it
+    (its threads now; what starts later runs at normal priority). A refusal is one warning
+    line and the service runs on; the status says either way."""
+    freeze_garbage()
+    if not service.audio_path:
+        return
+    priority = service.cfg.settings("realtime", RealtimeSettings).priority
+    service.scheduling = request_fifo(priority) if priority else Scheduling("normal")
+    refused = service.scheduling.refused is not None
+    service.log("warning" if refused else "info", f"scheduling: {service.scheduling}")
 
 
 def add_service_arguments(p: argparse.ArgumentParser) -> None:

@@ -175,6 +175,7 @@ class CaptureService(Service):
     """The capture process: one source, one stream at a time, sent to ``audio_in``."""
 
     name = "capture"
+    audio_path = True
 
     def __init__(self, cfg, args: argparse.Namespace | None = None):
         super().__init__(cfg, args)
@@ -271,7 +272,8 @@ class CaptureService(Service):
         f, g, d = self.framer, self.geometry, self.device
         return CaptureStatus(self.settings.source if self.settings else None, self.state,
                              f.stream_id if f else None, g.chunk_len if g else None, g.head_len if g else None,
-                             f.offset if f else 0, d.name if d else None, d.rate if d else None)
+                             f.offset if f else 0, d.name if d else None, d.rate if d else None,
+                             scheduling=self.scheduling and str(self.scheduling))
 
     # ------------------------------------------------------------------ streams
     def _new_stream(self, framer: Framer, **extra: Any) -> None:

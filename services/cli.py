@@ -8,6 +8,11 @@ import argparse
 import importlib
 import sys
 
+from services import early_stop
+
+#: The sub-commands that are pipeline services (stopped by SIGTERM, see services.early_stop).
+SERVICES = ("capture", "inference", "playback", "monitor", "dashboard")
+
 # name -> (module, help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS = {
     "convert": ("models.convert", "convert audio files with LLVC (offline or streamed)"),
@@ -49,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``llvc``; returns (and, as a console script, exits with) the status."""
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    if chosen in SERVICES:
+        early_stop.catch()  # before the imports: a stop asked meanwhile is honoured, not fatal
     args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
     try:
         return importlib.import_module(args._module).run(args)

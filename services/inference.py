@@ -170,6 +170,7 @@ class InferenceService(Service):
     """Receives the clients' chunks, converts them per session, sends each to its playback."""
 
     name = "inference"
+    audio_path = True
 
     def __init__(self, cfg, args=None):
         super().__init__(cfg, args)
@@ -294,7 +295,8 @@ class InferenceService(Service):
             latency_ms=1000 * g.latency_s if g else None, chunk_factor=g.chunk_factor if g else None,
             controls=self.live.as_dict(), voice=self.voice,
             sessions=[s.describe() for s in self.sessions.values()], max_streams=getattr(self, "max_streams", None),
-            batch_sizes={str(k): v for k, v in sorted(self.batch_sizes.items())})
+            batch_sizes={str(k): v for k, v in sorted(self.batch_sizes.items())},
+            scheduling=self.scheduling and str(self.scheduling))
 
     def next_offset(self) -> int | None:
         """The stream sample the latest flowing session's next output starts at (where a change

@@ -117,6 +117,7 @@ class PlaybackService(Service):
     """Receives converted chunks, buffers them on their stream timeline, plays them out."""
 
     name = "playback"
+    audio_path = True
 
     def __init__(self, cfg, args=None):
         super().__init__(cfg, args)
@@ -273,7 +274,7 @@ class PlaybackService(Service):
             return None
         return PlaybackStatus(self.settings.sink, round(self.jb.target_ms, 3), round(self.jb.fill_ms, 3),
                               self.jb.stream_id, self.settings.record or None, **self._output_status(),
-                              session=self.session)
+                              session=self.session, scheduling=self.scheduling and str(self.scheduling))
 
     def _output_status(self) -> dict[str, Any]:
         return {**self.sink.status(), **{k: v for r in self.recorders for k, v in r.status().items()}}

@@ -101,7 +101,7 @@ def test_default_file_loads_with_the_documented_values():
     )
     assert isinstance(cfg.bus.heartbeat_interval_s, float)
     assert cfg.security == SecurityOptions(curve=False, keys_dir=Path.cwd() / "keys")
-    assert set(cfg.services) == {"model", "control", *SERVICES, *TAPS}
+    assert set(cfg.services) == {"model", "control", "realtime", *SERVICES, *TAPS}
     assert [ep.name for ep in cfg.telemetry_endpoints()] == [
         "telemetry_capture", "telemetry_inference", "telemetry_playback", "telemetry_monitor"]
 
@@ -110,7 +110,7 @@ def test_the_default_file_declares_no_setting_values():
     # Defaults are declared once, in the code: the file shows them commented out
     # (tests/test_service_base.py holds each shown value to the code's, key for key).
     raw = tomllib.loads(DEFAULT_TEXT)
-    assert set(raw) == {"endpoints", "bus", "security", "model", "control", *SERVICES, *TAPS}
+    assert set(raw) == {"endpoints", "bus", "security", "model", "control", "realtime", *SERVICES, *TAPS}
     assert all(raw[table] == {} for table in raw if table != "endpoints")
 
 
@@ -121,7 +121,7 @@ def test_missing_tables_take_defaults(tmp_path):
     cfg = load(path=write(tmp_path, text))
     assert cfg.bus == BusOptions()
     assert cfg.security.curve is False
-    assert cfg.services == {name: {} for name in ("model", "control", *SERVICES, *TAPS)}
+    assert cfg.services == {name: {} for name in ("model", "control", "realtime", *SERVICES, *TAPS)}
 
 
 def test_service_tables_are_kept_as_plain_dicts(tmp_path):

@@ -23,7 +23,15 @@ from common.config import (
 )
 from common.settings import fields_of
 from common.telemetry import Reject
-from services.base import SETUP_FAILED, ModelSettings, RateLimited, Service, read_exit_record, run_service
+from services.base import (
+    SETUP_FAILED,
+    ModelSettings,
+    RateLimited,
+    RealtimeSettings,
+    Service,
+    read_exit_record,
+    run_service,
+)
 from services.capture import CaptureSettings
 from services.controls import LiveSettings
 from services.dashboard import DashboardSettings
@@ -34,7 +42,7 @@ from services.playback import PlaybackSettings
 #: Every settings table of the pipeline config and the class that declares it.
 TABLES = {"bus": BusOptions, "security": SecurityOptions, "model": ModelSettings, "capture": CaptureSettings,
           "inference": InferenceSettings, "playback": PlaybackSettings, "monitor": MonitorSettings,
-          "dashboard": DashboardSettings, "control": LiveSettings}
+          "dashboard": DashboardSettings, "control": LiveSettings, "realtime": RealtimeSettings}
 
 
 def documented_defaults() -> dict[str, dict[str, object]]:

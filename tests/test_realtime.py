@@ -1,0 +1,131 @@
+"""Real-time scheduling (common/realtime.py, ``[realtime]``): asked for, granted or refused, said.
+
+Real processes and the real kernel scheduler: the request runs in a child process (never in the
+test's own), its refusal is produced by taking CAP_SYS_NICE away (``setpriv``) with
+RLIMIT_RTPRIO at 0 (``prlimit``), as an unprivileged user would have it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.config import PipelineConfigError, load_pipeline_config
+from services.base import RealtimeSettings
+from services.lab.endpoints import endpoint_overrides, private_sets
+from services.lab.harness import RunningPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+LLVC = Path(sys.executable).parent / "llvc"
+UNPRIVILEGED = ["prlimit", "--rtprio=0:0", "setpriv", "--bounding-set=-sys_nice"]
+OTHER, FIFO = os.SCHED_OTHER, os.SCHED_FIFO
+
+# A process with a second thread asks for SCHED_FIFO, then reports every thread's policy, and
+# those of a thread and a child process started after the request.
+PROBE = """
+import json, os, subprocess, sys, threading
+from common.realtime import request_fifo
+flag = getattr(os, "SCHED_RESET_ON_FORK", 0)
+idle = threading.Event()
+threading.Thread(target=idle.wait, daemon=True).start()
+result = request_fifo(int(sys.argv[1]))
+threads = {tid: os.sched_getscheduler(int(tid)) & ~flag for tid in os.listdir("/proc/self/task")}
+later = []
+t = threading.Thread(target=lambda: later.append(os.sched_getscheduler(0) & ~flag))
+t.start(); t.join()
+child = subprocess.run([sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"],
+                       capture_output=True, text=True, check=True).stdout
+print(json.dumps({"said": str(result), "policy": result.policy, "refused": result.refused,
+                  "threads": threads, "later_thread": later[0], "child": int(child) & ~flag}))
+"""
+
+
+def probe(*wrapper: str, priority: int = 10) -> dict:
+    done = subprocess.run([*wrapper, sys.executable, "-c", PROBE, str(priority)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def fifo_permitted() -> bool:
+    return probe()["policy"] == "fifo"
+
+
+def test_granted_every_thread_moves_and_what_starts_later_does_not():
+    if not fifo_permitted():
+        pytest.skip("SCHED_FIFO is not permitted to this user here (the refusal is tested below)")
+    got = probe()
+    print(got)
+    assert got["said"] == f"SCHED_FIFO 10 ({len(got['threads'])} threads)" and len(got["threads"]) >= 2
+    assert set(got["threads"].values()) == {FIFO}
+    # SCHED_RESET_ON_FORK: a loader thread or an export child never competes with the audio.
+    assert got["later_thread"] == OTHER and got["child"] == OTHER
+
+
+def test_refused_nothing_changes_and_the_reason_is_one_line():
+    got = probe(*UNPRIVILEGED)
+    print(got)
+    assert got["policy"] == "normal" and "not permitted" in got["refused"]
+    assert got["said"].startswith("normal (SCHED_FIFO refused: not permitted")
+    assert set(got["threads"].values()) == {OTHER}
+
+
+def test_the_priority_is_checked():
+    cfg = load_pipeline_config(env={}, overrides=["realtime.priority=100"])
+    with pytest.raises(PipelineConfigError, match=r"realtime\.priority.*1\.\.99"):
+        cfg.settings("realtime", RealtimeSettings)
+    assert load_pipeline_config(env={}).settings("realtime", RealtimeSettings).priority == 0  # off by default
+
+
+def _policy(pid: int) -> int:
+    # /proc/PID/stat: field 41 is the policy; the command (field 2) may hold spaces, so count from ')'.
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[38])
+
+
+@pytest.mark.timeout(180)
+def test_the_audio_services_run_fifo_and_say_so_the_monitor_does_not(tmp_path):
+    if not fifo_permitted():
+        pytest.skip("SCHED_FIFO is not permitted to this user here (the refusal is tested below)")
+    with RunningPipeline(tmp_path / "run", ["--source", "tone", "--sink", "null"],
+                         private_sets("realtime.priority=10")) as p:
+        p.wait_streaming(2)
+        time.sleep(1.5)  # a heartbeat after set-up from each
+        pids = p.pids()
+        said = {s: p.observer.last_heartbeat(s).status for s in ("capture", "inference", "playback", "monitor")}
+        policies = {s: _policy(pids[s]) for s in said}
+        print(said, policies)
+        for s in ("capture", "inference", "playback"):
+            assert said[s].scheduling.startswith("SCHED_FIFO 10 ("), said[s]
+            assert policies[s] == FIFO
+        assert all(_policy(pids[s]) == OTHER for s in ("monitor", "dashboard") if pids.get(s))
+        assert not hasattr(said["monitor"], "scheduling")
+        report = p.stop()
+    assert report is not None and report["chunks"] > 100
+
+
+@pytest.mark.timeout(120)
+def test_a_service_refused_fifo_warns_once_and_runs_on(tmp_path):
+    log = tmp_path / "playback.log"
+    sets = [a for s in [*endpoint_overrides(), "realtime.priority=10"] for a in ("--set", s)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLVC")}
+    with open(log, "w") as err:
+        proc = subprocess.Popen([*UNPRIVILEGED, str(LLVC), "playback", *sets], stderr=err, env=env)
+    deadline = time.monotonic() + 60
+    while "INFO started" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    text = log.read_text()
+    print(text)
+    warnings = [line for line in text.splitlines() if "scheduling:" in line]
+    assert alive and proc.returncode == 0, text
+    assert len(warnings) == 1, warnings
+    assert "playback WARNING scheduling: normal (SCHED_FIFO refused: not permitted" in warnings[0]
