@@ -235,3 +235,50 @@ def test_ctl_without_a_pipeline_is_one_line_and_a_bad_request_changes_nothing(tm
         proc = subprocess.run([str(LLVC), "ctl", *args, *sets], capture_output=True, text=True, timeout=60)
         assert proc.returncode == code and proc.stdout == "", proc
         assert len(proc.stderr.strip().splitlines()) == 1 and all(w in proc.stderr for w in words), proc.stderr
+
+
+def test_ctl_voice_asks_again_when_a_status_poll_goes_unanswered_during_the_load():
+    """While a voice loads, inference may not answer a status poll in time (a loaded machine):
+    the switch was accepted, so ``llvc ctl voice`` asks again until ``--wait`` is up. A stand-in
+    server on the real socket: it accepts the switch, lets the first poll go unanswered, then
+    reports the voice swapped in."""
+    import threading
+
+    from common.config import load_pipeline_config
+    from services.lab.endpoints import private_sets
+
+    sets = private_sets()
+    address = load_pipeline_config(env={}, overrides=sets).endpoint("control").connect
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    server.bind(address)
+    polls: list[str] = []
+
+    def serve():
+        while server.poll(20_000):
+            *envelope, body = server.recv_multipart()
+            req = decode_request(body)
+            if req.cmd == "voice":
+                reply = ControlReply(True, state={"loading": req.checkpoint, "last_switch": None})
+            else:
+                polls.append("unanswered" if not polls else "answered")
+                if polls[-1] == "unanswered":
+                    continue
+                reply = ControlReply(True, state={"loading": None, "last_switch": {
+                    "voice": "v.pth", "ok": True, "model": "llvc-v-1234", "load_ms": 1500.0}})
+                server.send_multipart([*envelope, reply.encode()])
+                return
+            server.send_multipart([*envelope, reply.encode()])
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        proc = subprocess.run([str(LLVC), "ctl", "voice", "-p", "v.pth", "--timeout", "0.5", "--wait", "20",
+                               *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=60)
+    finally:
+        t.join(timeout=25)
+        server.close(0)
+        ctx.term()
+    print(proc.stdout, proc.stderr, polls)
+    assert proc.returncode == 0 and "switched to v.pth" in proc.stdout, proc
+    assert polls == ["unanswered", "answered"]
