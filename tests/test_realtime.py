@@ -80,7 +80,7 @@ def test_the_priority_is_checked():
     cfg = load_pipeline_config(env={}, overrides=["realtime.priority=100"])
     with pytest.raises(PipelineConfigError, match=r"realtime\.priority.*1\.\.99"):
         cfg.settings("realtime", RealtimeSettings)
-    assert load_pipeline_config(env={}).settings("realtime", RealtimeSettings).priority == 10
+    assert load_pipeline_config(env={}).settings("realtime", RealtimeSettings).priority == 0  # off by default
 
 
 def _policy(pid: int) -> int:
@@ -93,7 +93,7 @@ def test_the_audio_services_run_fifo_and_say_so_the_monitor_does_not(tmp_path):
     if not fifo_permitted():
         pytest.skip("SCHED_FIFO is not permitted to this user here (the refusal is tested below)")
     with RunningPipeline(tmp_path / "run", ["--source", "tone", "--sink", "null"],
-                         private_sets()) as p:  # the default: priority 10
+                         private_sets("realtime.priority=10")) as p:
         p.wait_streaming(2)
         time.sleep(1.5)  # a heartbeat after set-up from each
         pids = p.pids()
