@@ -70,7 +70,9 @@ def test_bypass_output_gain_and_voice_switches_while_it_runs(tmp_path):
     from models.checkpoint import load_model
     from models.streaming import StreamingEngine
 
-    x = clip("174-50561-0000.wav", "1919-142785-0000.wav")
+    # 10 s: the voice asked for at 3.2 s must be swapped in before the clip ends (a fresh-clone
+    # suite run's load finished 0.5 s after a 6.7 s clip had).
+    x = clip("174-50561-0000.wav", "1919-142785-0000.wav", "174-50561-0000.wav")
     source, out = tmp_path / "in.wav", tmp_path / "out.wav"
     sf.write(source, x, SR, subtype="FLOAT")
     voices = tmp_path / "voices"
@@ -82,8 +84,10 @@ def test_bypass_output_gain_and_voice_switches_while_it_runs(tmp_path):
     (voices / "broken.pth").write_bytes(b"this is not a checkpoint")
     # More playout slack than the other runs: an eager voice load beside the pipeline held this
     # 2-core machine's audio loop back by up to ~150 ms (scripts/bench_voice_switch.py), and a
-    # chunk lost to it would break the sample-exact comparison below.
-    sets = private_sets(*SLACK, "playback.target_ms=500", f'inference.voices_dir="{voices}"')
+    # chunk lost to it would break the sample-exact comparison below. A loaded machine does
+    # worse: in one fresh-clone suite run the eager model's mean step was 15.5 ms for 3 s (the
+    # monitor's overload warning), 0.6 s behind by the end of it, past a 500 ms margin.
+    sets = private_sets(*SLACK, "playback.target_ms=1000", f'inference.voices_dir="{voices}"')
     args = ["--source", f"file:{source}", "--sink", f"file:{out}", "-p", str(voices / "ref.pth"),
             "--until-eof", "--no-dashboard"]
     with RunningPipeline(tmp_path / "run", args, sets) as p:
