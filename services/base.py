@@ -152,6 +152,11 @@ class Service:
         #: How this process is scheduled, once set up (a status field of the audio services).
         self.scheduling: Scheduling | None = None
 
+    @property
+    def scheduling_status(self) -> str | None:
+        """:attr:`scheduling` as the audio services' status field says it."""
+        return str(self.scheduling) if self.scheduling is not None else None
+
     # ------------------------------------------------------------------ to override
     def setup(self) -> None:
         """Open sockets, load what is needed; raise on bad config (the process exits 2)."""

@@ -273,7 +273,7 @@ class CaptureService(Service):
         return CaptureStatus(self.settings.source if self.settings else None, self.state,
                              f.stream_id if f else None, g.chunk_len if g else None, g.head_len if g else None,
                              f.offset if f else 0, d.name if d else None, d.rate if d else None,
-                             scheduling=self.scheduling and str(self.scheduling))
+                             scheduling=self.scheduling_status)
 
     # ------------------------------------------------------------------ streams
     def _new_stream(self, framer: Framer, **extra: Any) -> None:

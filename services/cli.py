@@ -8,10 +8,8 @@ import argparse
 import importlib
 import sys
 
+from common.config import SERVICES, TAPS
 from services import early_stop
-
-#: The sub-commands that are pipeline services (stopped by SIGTERM, see services.early_stop).
-SERVICES = ("capture", "inference", "playback", "monitor", "dashboard")
 
 # name -> (module, help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS = {
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``llvc``; returns (and, as a console script, exits with) the status."""
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    if chosen in SERVICES:
+    if chosen in SERVICES + TAPS:  # the pipeline's processes, stopped by SIGTERM
         early_stop.catch()  # before the imports: a stop asked meanwhile is honoured, not fatal
     args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
     try:

@@ -296,7 +296,7 @@ class InferenceService(Service):
             controls=self.live.as_dict(), voice=self.voice,
             sessions=[s.describe() for s in self.sessions.values()], max_streams=getattr(self, "max_streams", None),
             batch_sizes={str(k): v for k, v in sorted(self.batch_sizes.items())},
-            scheduling=self.scheduling and str(self.scheduling))
+            scheduling=self.scheduling_status)
 
     def next_offset(self) -> int | None:
         """The stream sample the latest flowing session's next output starts at (where a change

@@ -298,7 +298,7 @@ class JitterBuffer:
         late = 0
         if self.playing and self.adaptive is not None:
             if fresh:
-                self._adapt(offset - self.read_pos + self._pause, arrival_ns, end - offset)
+                self._adapt(offset - self.read_pos + self._pause, arrival_ns)
         elif self.playing:
             self._lateness.append((arrival_ns, max(0, self.read_pos - offset)))
         if offset < self.read_pos:
@@ -306,7 +306,7 @@ class JitterBuffer:
             self.stats.dropped_late += 1
             self.stats.late_samples += late
             if self.adaptive is None:
-                self._grow_if_persistently_late(end - offset)
+                self._grow_if_persistently_late()
             if end <= self.read_pos:
                 return PutResult(new_stream=new, late=late)
 
@@ -328,7 +328,7 @@ class JitterBuffer:
                 # Lateness made the timeline grow and is over: give the growth back, down to
                 # a millisecond, so that latency returns to where it was before.
                 new_pos = self.read_pos + min(spare, self._grown)
-        if self.newest_end - self.read_pos > self._limit(n_new):
+        if self.newest_end - self.read_pos > n_new + self.max:  # max_ms beyond the chunk, as target_ms
             new_pos = self.newest_end - (n_new + self.target)
         if new_pos is not None:
             self._slack.clear()
@@ -351,10 +351,11 @@ class JitterBuffer:
                 self._starts[offset] = (stream_id, seq, t_capture_ns, arrival_ns)
         return PutResult(new_stream=new, stored=max(0, end - first), late=late, overflow=overflow)
 
-    def _limit(self, n_new: int) -> int:
-        """The most audio buffered ahead once a chunk of ``n_new`` samples is in: the chunk
-        plus ``max_ms`` (counted beyond the chunk, as ``target_ms`` is)."""
-        return n_new + self.max
+    def _growth_room(self) -> int:
+        """How far the timeline may grow now: what is buffered ahead plus the pause stays within
+        ``max_ms``, a chunk's worth below the overflow limit (the chunk plus ``max_ms``), so that
+        the next arrival does not trim what it grew."""
+        return self.max - max(0, self.newest_end - self.read_pos) - self._pause
 
     def _restart_timeline(self, offset: int, arrival_ns: int) -> None:
         self.read_pos = self.newest_end = offset
@@ -367,12 +368,9 @@ class JitterBuffer:
         self._valid[:] = False
         self.stats.timeline_restarts += 1
 
-    def _adapt(self, headroom: int, arrival_ns: int, n_new: int) -> None:
+    def _adapt(self, headroom: int, arrival_ns: int) -> None:
         """Adaptive playout: let the controller see this arrival and apply its move."""
-        # Growth stays within the buffer too: what is buffered ahead plus the pause within the
-        # limit, a chunk's worth below it so that the next arrival does not trim what it grew.
-        room = self._limit(n_new) - max(0, self.newest_end - self.read_pos) - self._pause - n_new
-        move = self.adaptive.arrived(headroom, arrival_ns, max(0, room))
+        move = self.adaptive.arrived(headroom, arrival_ns, max(0, self._growth_room()))
         if move > 0:
             self._pause += move
             self.stats.timeline_grows += 1
@@ -380,7 +378,7 @@ class JitterBuffer:
         elif move < 0:
             self._skip += -move
 
-    def _grow_if_persistently_late(self, n_new: int) -> None:
+    def _grow_if_persistently_late(self) -> None:
         """Move the timeline later when most recent arrivals were late (see the module docstring)."""
         late = [(t, x) for t, x in self._lateness if x > 0]
         if len(late) < GROW_LATE or late[-1][0] - late[0][0] < GROW_SPAN_MS * 1e6:
@@ -388,8 +386,7 @@ class JitterBuffer:
         # Bounded twice by max_ms: the buffer's fill, and the timeline's total growth (after a
         # long stall the read position runs ahead of the data, and growth after growth would
         # otherwise follow every retransmission stall of a lossy link).
-        room = min(self._limit(n_new) - max(0, self.newest_end - self.read_pos) - self._pause - n_new,
-                   self.max - self.target - self._grown)
+        room = min(self._growth_room(), self.max - self.target - self._grown)
         grow = min(int(np.median([x for _, x in late])) + self.target, room)
         if grow <= 0:
             return  # already as late as max_ms allows: drops are the only way to stay bounded

@@ -274,7 +274,7 @@ class PlaybackService(Service):
             return None
         return PlaybackStatus(self.settings.sink, round(self.jb.target_ms, 3), round(self.jb.fill_ms, 3),
                               self.jb.stream_id, self.settings.record or None, **self._output_status(),
-                              session=self.session, scheduling=self.scheduling and str(self.scheduling))
+                              session=self.session, scheduling=self.scheduling_status)
 
     def _output_status(self) -> dict[str, Any]:
         return {**self.sink.status(), **{k: v for r in self.recorders for k, v in r.status().items()}}
