@@ -105,6 +105,22 @@ def latency_problem(value: str | float) -> str | None:
     return None
 
 
+#: The largest ``device_block_ms``: a callback's worth of audio beyond this is no low-latency choice.
+MAX_BLOCK_MS = 100.0
+
+
+def block_frames(block_ms: float, rate: int) -> int:
+    """PortAudio's ``blocksize`` for callbacks of ``block_ms`` at ``rate`` (0: the host API's choice)."""
+    return round(block_ms * rate / 1000)
+
+
+def block_problem(value: float) -> str | None:
+    """Settings check for ``device_block_ms`` (capture's and playback's alike)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_BLOCK_MS:
+        return f"must be in [0, {MAX_BLOCK_MS:g}] ms (0: the host API's choice)"
+    return None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register ``llvc devices``'s flags on ``p``."""
     p.add_argument("--json", action="store_true", help="print a JSON list of the devices instead of a table")

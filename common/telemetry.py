@@ -33,7 +33,8 @@ ignored, and an event name it does not know decodes as :class:`OtherEvent`. 1.1 
 sessions (:mod:`services.sessions`): the ``session`` label on :class:`InferenceChunk`,
 :class:`Reset` and :class:`PlaybackChunk`, :class:`SessionChange`, and :class:`InferenceStatus`'
 ``sessions``, ``max_streams`` and ``batch_sizes``; 1.4 added the audio services' status field
-``scheduling`` (:mod:`common.realtime`); a subscriber
+``scheduling`` (:mod:`common.realtime`); 1.5 added :class:`CaptureStatus`' ``device_block``;
+a subscriber
 by topic prefix (``heartbeat.``, ``chunk.``, ``event.``) never sees a type it does not know.
 
 **Counters** (in heartbeats) are cumulative since the publishing process started; the monitor
@@ -63,7 +64,7 @@ __all__ = [
 ]
 
 #: ``(major, minor)`` of the records this module writes (``data["schema"]``).
-SCHEMA_VERSION = (1, 4)
+SCHEMA_VERSION = (1, 5)
 
 
 class TelemetryError(ProtocolError):
@@ -178,6 +179,7 @@ class CaptureStatus:
     device: str | None = None
     device_rate: int | None = None
     scheduling: str | None = None   # (1.4) how the process is scheduled (common/realtime.py)
+    device_block: int | None = None  # (1.5) the largest PortAudio callback so far, in device frames
 
 
 @dataclass(frozen=True)

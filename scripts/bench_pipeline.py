@@ -26,63 +26,21 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
-from common.bus import Bus
 from common.config import load_pipeline_config
-from common.tap import topics_for
-from common.telemetry import AudioHeader
-from services.dashboard.state import PARTS, DashboardState
+from services.lab.breakdown import PART_NAMES, BreakdownTap, breakdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 LLVC = Path(sys.executable).parent / "llvc"
 CLIP = REPO / "tests" / "data" / "174-50561-0000.wav"
 
 
-class BreakdownTap:
-    """Every chunk's e2e split into the dashboard's parts, from the pipeline's telemetry (the
-    default endpoints, as ``llvc run`` uses them), in a thread: rows of ``[t, e2e, *parts]``."""
-
-    def __init__(self, seconds: float):
-        cfg = load_pipeline_config(None, env={})
-        self.state = DashboardState(10.0, 3, cfg.bus.heartbeat_interval_s, history_s=seconds + 3600)
-        self.arrivals: list[tuple[int, int, int, int]] = []  # (offset, n_samples, t_capture_ns, t_recv_ns)
-        self.cfg, self.stopping = cfg, False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        with Bus(self.cfg, "tap") as bus:
-            sub = bus.subscriber(topics_for([], audio=True))
-            while not self.stopping:
-                record = sub.recv(timeout_ms=50)
-                if record is not None:
-                    self.state.add(record, time.monotonic(), time.time())
-                    if isinstance(record, AudioHeader) and record.service == "playback" and record.t_recv_ns:
-                        self.arrivals.append((record.offset, record.n_samples, record.t_capture_ns, record.t_recv_ns))
-
-    def rows(self) -> np.ndarray:
-        self.stopping = True
-        self.thread.join(5)
-        return np.array([p[1:] for p in self.state.parts.points], float).reshape(-1, 1 + len(PARTS))
-
-
-def breakdown_table(rows: np.ndarray) -> dict[str, list[float]]:
-    """p50/p99/p99.9 of each part, and of the arrival (every part before the buffer's wait)."""
-    names = [name for name, _ in PARTS]
-    cols = {name: rows[:, 1 + i] for i, name in enumerate(names)}
-    cols["arrival"] = rows[:, 1:1 + names.index("jitter_buffer")].sum(axis=1)
-    return {k: [round(float(np.percentile(v, q)), 2) for q in (50, 99, 99.9)] if len(v) else []
-            for k, v in cols.items()}
-
-
 def run_once(factor: int, seconds: float, extra: list[str], breakdown: bool = False,
              trace: Path | None = None) -> dict:
-    tap = BreakdownTap(seconds) if breakdown or trace else None
+    tap = BreakdownTap(load_pipeline_config(None, env={}), seconds) if breakdown or trace else None
     with tempfile.TemporaryDirectory(prefix="llvc-bench-") as tmp:
         report = Path(tmp) / "report.json"
         cmd = [str(LLVC), "run", "--source", f"file:{CLIP}", "--sink", "null", "-n", str(factor),
@@ -143,7 +101,7 @@ def main() -> int:
               f"{e['p50']:>8.2f} {e['p95']:>7.2f} {e['p99']:>7.2f} {e['max']:>7.2f} {r['underruns']:>9} "
               f"{under_pct:>8.3f} {drops:>6} {inf['p50']:>8.2f} {inf['p95']:>8.2f} {r['rtf']:>6.2f}")
     if args.breakdown:
-        parts = [name for name, _ in PARTS] + ["arrival"]
+        parts = [*PART_NAMES, "arrival"]
         print("\nwhere e2e goes, ms: p50 / p99 / p99.9 per part (arrival: every part before the buffer's wait)")
         head = f"{'cf':>3} {'variant':>10} {'chunks':>7} " + " ".join(f"{p[:20]:>20}" for p in parts)
         print(head)

@@ -33,7 +33,7 @@ import numpy as np
 import zmq
 
 from common.audio import SAMPLE_RATE
-from common.devices import latency_problem, parse_latency
+from common.devices import block_problem, latency_problem, parse_latency
 from common.protocol import AudioChunk
 from common.settings import at_least, non_negative, parsed_by, setting
 from common.telemetry import CaptureStatus, Counter, Eof, Heartbeat, SessionChange, StreamStart
@@ -69,6 +69,7 @@ class CaptureSettings:
     wait_ready_s: float = setting(15.0, non_negative)
     queue_chunks: int = setting(32, at_least(1))
     device_latency: str | float = setting("low", latency_problem)
+    device_block_ms: float = setting(0.0, block_problem)
     # The client session (services/sessions.py) this capture and its playback belong to: the
     # inference server converts each session on its own and sends it to that session's playback
     # only. Empty: derived from the host's name. Playback reads it from here too.
@@ -273,7 +274,7 @@ class CaptureService(Service):
         return CaptureStatus(self.settings.source if self.settings else None, self.state,
                              f.stream_id if f else None, g.chunk_len if g else None, g.head_len if g else None,
                              f.offset if f else 0, d.name if d else None, d.rate if d else None,
-                             scheduling=self.scheduling_status)
+                             scheduling=self.scheduling_status, device_block=d.input.frames_max if d else None)
 
     # ------------------------------------------------------------------ streams
     def _new_stream(self, framer: Framer, **extra: Any) -> None:
@@ -352,7 +353,7 @@ class CaptureService(Service):
     def _start_device(self) -> None:
         framer = Framer(self.geometry, self._send_chunk, self.count, self.session)
         self.device = DeviceStream(self._device_spec, self._latency, self.settings.queue_chunks, framer,
-                                   self.count)
+                                   self.count, self.settings.device_block_ms)
         self._new_stream(framer, device=self.device.name, device_rate=self.device.rate)
 
     def _close_device(self) -> None:

@@ -22,14 +22,14 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common.audio import SAMPLE_RATE
-from common.devices import latency_problem
+from common.devices import block_problem, latency_problem
 from common.settings import non_negative, positive, setting
 from common.telemetry import AudioHeader, Drained, PlaybackChunk, PlaybackStatus, StreamStart, Underrun
 from services.base import Service, add_service_arguments, service_main
 from services.jitter import JitterBuffer, ReadResult
 from services.playout import AdaptivePlayout
 from services.recorder import WavRecorder, make_recorders
-from services.sinks import make_monitor, make_sink
+from services.sinks import DEVICE_MARGIN_MS, make_monitor, make_sink
 from services.virtual_mic import spec_problem as virtual_mic_problem
 
 NS_PER_SAMPLE = 1_000_000_000 / SAMPLE_RATE
@@ -71,6 +71,8 @@ class PlaybackSettings:
     block_ms: float = setting(2.0, lambda v: positive(v) or (None if v <= 1000 else "must be <= 1000"))
     fade_ms: float = setting(2.0, non_negative)
     device_latency: str | float = setting("low", latency_problem)
+    device_block_ms: float = setting(0.0, block_problem)
+    ring_margin_ms: float = setting(DEVICE_MARGIN_MS, non_negative)
     monitor: str = setting("", _monitor_problem)
 
     def problems(self):

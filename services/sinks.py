@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.audio import SAMPLE_RATE
-from common.devices import DeviceError, find_device, read_stream_clock
+from common.devices import DeviceError, block_frames, find_device, read_stream_clock
 from services.jitter import JitterBuffer, ReadResult
 from services.recorder import SinkError, WavRecorder
 from services.resample import PASSBAND, StreamResampler, supported
@@ -40,7 +40,7 @@ from services.virtual_mic import OWNER_ENV, VirtualMic, VirtualMicError, parse_s
 MAX_TICKS_PER_PUMP = 50        # a late paced sink catches up at most this many blocks per pump
 RESYNC_NS = 1_000_000_000      # further behind than this (process stopped): restart the schedule
 DEVICE_POLL_NS = 1_000_000     # how often the device ring is topped up
-DEVICE_MARGIN_S = 0.003        # ring fill kept beyond one callback's worth
+DEVICE_MARGIN_MS = 3.0         # ring fill kept beyond one callback's worth (playback.ring_margin_ms)
 MONITOR_FILL_S = 0.010         # a monitor output starts one callback and this far ahead of its device ...
 MONITOR_MAX_S = 0.060          # ... and drops a block that would take it beyond one callback + this
 #: The device path resamples 16 kHz up with :class:`services.resample.StreamResampler`: flat to
@@ -164,10 +164,13 @@ class DeviceSink:
 
     setting = "playback.sink"  # what error messages name
 
-    def __init__(self, spec: str, latency: str | float, log: Callable[..., None]):
+    def __init__(self, spec: str, latency: str | float, log: Callable[..., None], block_ms: float = 0.0,
+                 margin_ms: float = DEVICE_MARGIN_MS):
         self.spec = spec
         self.device = spec.partition(":")[2].strip()
         self.latency = latency
+        self.block_ms = block_ms    # frames per callback, in ms; 0: the host API's choice
+        self.margin_ms = margin_ms
         self.log = log
         self.recorders: list[WavRecorder] = []
         self.stream = None
@@ -210,7 +213,8 @@ class DeviceSink:
         self.ring = np.zeros(self.rate, np.float32)  # 1 s: far above any fill this keeps
         try:
             self.stream = sd.OutputStream(device=index, samplerate=self.rate, channels=1, dtype="float32",
-                                          latency=self.latency, callback=self._callback)
+                                          latency=self.latency, blocksize=block_frames(self.block_ms, self.rate),
+                                          callback=self._callback)
         except Exception as exc:  # noqa: BLE001 - PortAudio's errors vary by host API
             raise SinkError(f"{self.setting}: cannot open output device {index} "
                             f"({' '.join(str(exc).split())})") from None
@@ -237,7 +241,8 @@ class DeviceSink:
 
     def describe(self) -> dict[str, Any]:
         return {"device": self.index, "device_name": self.device_name, "device_rate": self.rate,
-                "device_latency_ms": round(self.stream.latency * 1000, 3), "resampler": self.resampler_name,
+                "device_latency_ms": round(self.stream.latency * 1000, 3), "device_block_ms": self.block_ms,
+                "ring_margin_ms": self.margin_ms, "resampler": self.resampler_name,
                 "resampler_delay_ms": round(self.resampler_delay * 1000 / self.rate, 3)}
 
     def _sync_clock(self, now_ns: int) -> None:
@@ -272,6 +277,11 @@ class DeviceSink:
         self.taken = taken + k
 
     # ------------------------------------------------------------------ service thread
+    @property
+    def margin(self) -> int:
+        """``margin_ms`` in device frames."""
+        return round(self.margin_ms * self.rate / 1000)
+
     def next_due_ns(self) -> int:
         return self.due_ns
 
@@ -293,7 +303,7 @@ class DeviceSink:
             raise SinkError(f"output device {self.index} stopped")
         if now_ns - self.clock_synced_ns > 2_000_000_000:
             self._sync_clock(now_ns)
-        want = max(self.frames_max, 64) + int(DEVICE_MARGIN_S * self.rate)
+        want = max(self.frames_max, 64) + self.margin
         need = want - (self.written - self.taken)
         if need <= 0:
             return []
@@ -344,8 +354,9 @@ class VirtualMicSink(DeviceSink):
     (:mod:`services.virtual_mic`), made as the sink opens. The source's own buffering comes
     after the DAC time PortAudio reports, so it is added to every output time (and e2e)."""
 
-    def __init__(self, spec: str, latency: str | float, log: Callable[..., None]):
-        super().__init__(spec, latency, log)
+    def __init__(self, spec: str, latency: str | float, log: Callable[..., None], block_ms: float = 0.0,
+                 margin_ms: float = DEVICE_MARGIN_MS):
+        super().__init__(spec, latency, log, block_ms, margin_ms)
         self.mic_name = parse_spec(spec)
         self.mic: VirtualMic | None = None
         self.alsa_conf = None
@@ -432,10 +443,11 @@ class MonitorOutput(DeviceSink):
 
 def make_sink(settings, log: Callable[..., None]) -> Sink:
     """The sink for ``settings.sink``."""
+    timing = (settings.device_latency, log, settings.device_block_ms, settings.ring_margin_ms)
     if settings.sink.startswith("device:"):
-        return DeviceSink(settings.sink, settings.device_latency, log)
+        return DeviceSink(settings.sink, *timing)
     if parse_spec(settings.sink):
-        return VirtualMicSink(settings.sink, settings.device_latency, log)
+        return VirtualMicSink(settings.sink, *timing)
     return PacedSink(settings.sink, settings.block_ms, log)  # null, or file: (with its recorder)
 
 

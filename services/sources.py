@@ -22,7 +22,7 @@ import numpy as np
 import soxr
 
 from common.audio import SAMPLE_RATE, read_audio
-from common.devices import DeviceError, find_device, read_stream_clock
+from common.devices import DeviceError, block_frames, find_device, read_stream_clock
 
 from .resample import StreamResampler, supported
 
@@ -187,6 +187,7 @@ class DeviceInput:
         self.resampler, self.resampler_delay = make_device_resampler(rate)
         #: Blocks lost: queue full or PortAudio's input_overflow flag (written by the callback only).
         self.overflows = 0
+        self.frames_max = 0       # the largest callback so far (callback thread only)
         self._dropped_frames = 0  # callback thread only: frames dropped since the last queued block
         self._sync: tuple[float, int] | None = None
         self._base = framer.pos   # stream index of resampler output 0 (since the last clear)
@@ -201,6 +202,8 @@ class DeviceInput:
         arrived = time.monotonic_ns()
         if status and getattr(status, "input_overflow", False):
             self.overflows += 1
+        if frames > self.frames_max:
+            self.frames_max = frames
         try:
             self.queue.put_nowait((indata.copy(), time_info.inputBufferAdcTime, arrived, self._dropped_frames))
             self._dropped_frames = 0
@@ -318,7 +321,7 @@ class DeviceStream:
     """An open, running input stream: PortAudio callback → :class:`DeviceInput` → sender thread."""
 
     def __init__(self, spec: str, latency: str | float, queue_blocks: int, framer: Any,
-                 count: Callable[[str, int], None]):
+                 count: Callable[[str, int], None], block_ms: float = 0.0):
         sd, index, info, self.rate, self.channels = resolve_input_device(spec)
         self.name = info["name"]
         self.input = DeviceInput(framer, self.rate, queue_blocks)
@@ -328,7 +331,8 @@ class DeviceStream:
         self._thread = threading.Thread(target=self._send_loop, name="capture-sender", daemon=True)
         try:
             self.stream = sd.InputStream(device=index, samplerate=self.rate, channels=self.channels,
-                                         dtype="float32", latency=latency, callback=self.input.callback)
+                                         dtype="float32", latency=latency, blocksize=block_frames(block_ms, self.rate),
+                                         callback=self.input.callback)
         except Exception as exc:  # noqa: BLE001 - PortAudio errors: one line, the process exits 2
             raise SourceError(f"cannot open input device {index} {self.name!r} at {self.rate} Hz: "
                               f"{_one_line(exc)}") from None

@@ -105,7 +105,9 @@ def test_capture_device_source_hears_a_tone_played_into_the_input_sink(pulse, tm
     player = subprocess.Popen(["pacat", "--playback", *pa_args(pulse, "llvc_in"), str(raw)],
                               stderr=subprocess.PIPE, text=True)
     try:
-        with Peers("capture.wait_ready_s=0").bind_audio() as p:
+        # Fixed 2 ms callbacks (the low-latency profile's capture.device_block_ms) instead of the
+        # host's choice, which test_capture's default-device test covers.
+        with Peers("capture.wait_ready_s=0", "capture.device_block_ms=2").bind_audio() as p:
             proc = spawn(p, "--source", "device:llvc_in")
             try:
                 # 1.5 s of stream: the resampler settles, and 1 s is left to look at.
@@ -119,6 +121,7 @@ def test_capture_device_source_hears_a_tone_played_into_the_input_sink(pulse, tm
     assert rc == 0, err
     beat = p.beats[-1]
     assert beat.status.device == "llvc_in" and "input_overflows" in beat.counters, beat  # what the monitor watches
+    assert beat.status.device_block == round(0.002 * beat.status.device_rate), beat  # PortAudio took the block size
     x = np.concatenate([c.samples for c in p.chunks if c.stream_id == beat.status.stream_id])[-16_000:]
     assert abs(dominant_hz(x, 16_000) - HZ) <= 5
     assert 0.8 * LEVEL < np.sqrt(2 * np.mean(x ** 2)) < 1.2 * LEVEL  # the tone's level, not a trace of it
@@ -129,14 +132,18 @@ def test_playback_device_sink_plays_a_tone_the_output_sink_records(pulse, tmp_pa
     with open(recorded, "wb") as out:
         recorder = subprocess.Popen(["parec", *pa_args(pulse, "llvc_out.monitor")], stdout=out,
                                     stderr=subprocess.PIPE, env={**os.environ, **pulse.env})
-    pb = Playback(tmp_path, sink="device:llvc_out", env={**os.environ, **pulse.env})
+    # Fixed 2 ms callbacks instead of the host's choice (test_acoustic and the pipeline tests use
+    # that). Under PulseAudio's ALSA plugin they come in bursts, which the ring's default margin covers.
+    pb = Playback(tmp_path, "playback.device_block_ms=2", sink="device:llvc_out", env={**os.environ, **pulse.env})
     try:
         pb.wait_ready()
         assert pb.heartbeat()["sink"] == "device:llvc_out"
         pb.send_stream(tone(1.5, 16_000))
         time.sleep(0.3)  # played out: target_ms plus the device's latency
         assert wait_until(lambda: pb.heartbeat()["counters"].get("chunks_played", 0) > 100, timeout=5), pb.logs()
-        assert "device_underflows" in pb.heartbeat()["counters"]  # what the monitor watches
+        beat = pb.heartbeat()
+        assert "device_underflows" in beat["counters"]  # what the monitor watches
+        assert beat["device_block"] == round(0.002 * beat["device_rate"]), beat  # PortAudio took the block size
         assert pb.terminate() < 5
     finally:
         pb.close()

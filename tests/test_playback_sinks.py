@@ -249,3 +249,27 @@ def test_record_beside_a_device_sink_gets_the_16k_blocks_it_plays(tmp_path):
     got, sr = sf.read(tmp_path / "rec.wav", dtype="float32")
     assert sr == 16000 and rec.status() == {"record_samples": end, "record_open": False}
     np.testing.assert_array_equal(got, sig[:end])
+
+
+@pytest.mark.parametrize("margin_ms", (1.0, 3.0, 0.0))
+def test_ring_margin_ms_is_what_the_ring_keeps_beyond_one_callback(margin_ms):
+    """``playback.ring_margin_ms``: after a callback drains the ring, the service thread tops it
+    up to the largest callback plus the margin (and no more than one 16-sample read beyond)."""
+    from services.jitter import JitterBuffer
+    from services.sinks import DeviceSink
+
+    sink = DeviceSink("device:x", "low", lambda *a, **k: None, 0.0, margin_ms)
+    sink.rate, sink.ring, sink.stream, sink.index = 48000, np.zeros(48000, np.float32), FakeStream(), 0
+    sink._make_resampler()
+    jb = JitterBuffer(target_ms=0, max_ms=400, fade_ms=2)
+    sig = noise(10, seed=3)
+    for k in range(10):
+        jb.put("m", k * C, sig[k * C:(k + 1) * C], 0, seq=k, t_capture_ns=0)
+    fills = []
+    for i in range(40):
+        sink.pump(jb, time.monotonic_ns())
+        fills.append(sink.written - sink.taken)
+        sink._callback(np.zeros((96, 1), np.float32), 96, SimpleNamespace(outputBufferDacTime=i / 500), Flags())
+    want = 96 + margin_ms * 48
+    print(f"margin {margin_ms} ms: ring fill after each top-up {min(fills[1:])}..{max(fills[1:])} frames (want {want})")
+    assert all(want <= f < want + 48 for f in fills[1:]), fills

@@ -8,6 +8,7 @@
 * :mod:`services.lab.pulse`: a PulseAudio server with null sinks: real sound devices without a
   sound card.
 * :mod:`services.lab.acoustic`: latency measured acoustically, by cross-correlating recordings.
+* :mod:`services.lab.breakdown`: where each chunk's e2e goes, as the dashboard splits it.
 
 Nothing here is a fake: real processes, real sockets, real devices. Used by ``tests/`` and
 ``scripts/bench_*.py``; the services themselves never import it.
