@@ -76,6 +76,15 @@ def request_fifo(priority: int) -> Scheduling:
     return Scheduling("fifo", priority, len(done))
 
 
+def runs_realtime() -> bool:
+    """Whether the calling thread runs under a real-time policy (``SCHED_FIFO`` or ``SCHED_RR``)."""
+    try:
+        policy = os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+    except (AttributeError, OSError):
+        return False
+    return policy in (getattr(os, "SCHED_FIFO", -1), getattr(os, "SCHED_RR", -1))
+
+
 def freeze_garbage() -> None:
     """Move every object alive now out of the collector's sight (``gc.freeze``): what set-up
     built (modules, the model, buffers) is never traversed again, so a collection in the hot

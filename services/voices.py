@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from common.protocol import MAX_NAME_LEN
+from common.realtime import runs_realtime
 from models.backends import NO_EXPORT_ENV, export_possible, resolve_backend
 from models.config import DEMO_CHECKPOINT, is_demo_checkpoint
 from models.spec import ModelSpec
@@ -158,7 +159,10 @@ def resolve_voice(folder: Path, checkpoint: str, local: bool) -> Path:
 # --------------------------------------------------------------------------- in the background
 #: Nice value of the loader thread and the export child: on a small machine a loading thread
 #: takes a whole core from the audio threads of every service (Linux schedules threads, and a
-#: thread's nice value is its own).
+#: thread's nice value is its own). Not the loader thread's when the thread starting it runs
+#: SCHED_FIFO (``realtime.priority``): the audio threads then win by policy already, and at nice
+#: 19 the loader lost to every normal process while holding the interpreter lock that the
+#: real-time loop waits for (a live voice switch took over a second longer in a suite run).
 LOADER_NICE = 19
 
 
@@ -188,9 +192,11 @@ class VoiceLoader:
         self._result = None
         self._interval = sys.getswitchinterval()
         sys.setswitchinterval(LOADING_SWITCH_INTERVAL_S)
+        lower = not runs_realtime()  # asked on the starting thread: the new one starts normal
 
         def work():
-            _lower_this_threads_priority()
+            if lower:
+                _lower_this_threads_priority()
             try:
                 result = (load(spec, checkpoint), None)
             except Exception as exc:  # any failure is reported as one line; the current voice stays

@@ -80,7 +80,44 @@ def test_the_priority_is_checked():
     cfg = load_pipeline_config(env={}, overrides=["realtime.priority=100"])
     with pytest.raises(PipelineConfigError, match=r"realtime\.priority.*1\.\.99"):
         cfg.settings("realtime", RealtimeSettings)
-    assert load_pipeline_config(env={}).settings("realtime", RealtimeSettings).priority == 0  # off by default
+    assert load_pipeline_config(env={}).settings("realtime", RealtimeSettings).priority == 10  # JACK's default
+    assert load_pipeline_config(env={}, overrides=["realtime.priority=0"]).settings(
+        "realtime", RealtimeSettings).priority == 0  # normal scheduling, asked for
+
+
+# A voice loader started by a thread that runs SCHED_FIFO (argv[1] = 1) or normally (0) reports
+# its own policy and nice value.
+LOADER_PROBE = """
+import json, os, sys, threading, time
+from common.realtime import request_fifo
+from services.voices import VoiceLoader
+if sys.argv[1] == "1":
+    assert request_fifo(10).policy == "fifo"
+def load(spec, checkpoint):
+    return (os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0),
+            os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+loader = VoiceLoader()
+loader.start(None, "probe", "test", load)
+while (got := loader.take()) is None:
+    time.sleep(0.01)
+print(json.dumps({"policy": got[0][0], "nice": got[0][1], "error": got[1]}))
+"""
+
+
+def test_the_voice_loader_runs_at_nice_19_beside_normal_audio_and_at_nice_0_beside_fifo():
+    """At nice 19 beside a real-time loop the loader lost to every normal process while holding
+    the interpreter lock that loop waits for; beside a normal loop nice 19 keeps it out of the way."""
+    if not fifo_permitted():
+        pytest.skip("SCHED_FIFO is not permitted to this user here")
+    got = {}
+    for fifo in ("0", "1"):
+        done = subprocess.run([sys.executable, "-c", LOADER_PROBE, fifo], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        got[fifo] = json.loads(done.stdout)
+    print(got)
+    assert got["0"] == {"policy": OTHER, "nice": 19, "error": None}
+    assert got["1"] == {"policy": OTHER, "nice": 0, "error": None}  # normal policy still: RESET_ON_FORK
 
 
 def _policy(pid: int) -> int:
@@ -92,8 +129,7 @@ def _policy(pid: int) -> int:
 def test_the_audio_services_run_fifo_and_say_so_the_monitor_does_not(tmp_path):
     if not fifo_permitted():
         pytest.skip("SCHED_FIFO is not permitted to this user here (the refusal is tested below)")
-    with RunningPipeline(tmp_path / "run", ["--source", "tone", "--sink", "null"],
-                         private_sets("realtime.priority=10")) as p:
+    with RunningPipeline(tmp_path / "run", ["--source", "tone", "--sink", "null"], private_sets()) as p:  # the default
         p.wait_streaming(2)
         time.sleep(1.5)  # a heartbeat after set-up from each
         pids = p.pids()
@@ -112,7 +148,7 @@ def test_the_audio_services_run_fifo_and_say_so_the_monitor_does_not(tmp_path):
 @pytest.mark.timeout(120)
 def test_a_service_refused_fifo_warns_once_and_runs_on(tmp_path):
     log = tmp_path / "playback.log"
-    sets = [a for s in [*endpoint_overrides(), "realtime.priority=10"] for a in ("--set", s)]
+    sets = [a for s in endpoint_overrides() for a in ("--set", s)]  # the default priority, 10
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLVC")}
     with open(log, "w") as err:
         proc = subprocess.Popen([*UNPRIVILEGED, str(LLVC), "playback", *sets], stderr=err, env=env)
