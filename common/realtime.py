@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import time
 from dataclasses import dataclass
 
 #: SCHED_FIFO's priority range on Linux.
@@ -48,6 +49,40 @@ def _thread_ids() -> list[int]:
         return [0]  # no /proc: this thread only
 
 
+#: How long :func:`request_fifo` waits for a thread that has just started to reach its first wait.
+SETTLE_S = 0.5
+
+
+def _has_waited(tid: int) -> bool:
+    """Whether thread ``tid`` has blocked at least once (so it is past its start-up code)."""
+    try:
+        with open(f"/proc/self/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1]) > 0
+    except (OSError, ValueError):
+        pass
+    return True  # gone, or nothing to tell: nothing to wait for
+
+
+def _wait_until_started(tids: list[int], timeout: float = SETTLE_S) -> None:
+    """Wait (up to ``timeout``) until every thread in ``tids`` has blocked once.
+
+    libzmq's I/O threads read their own scheduling as they start (``pthread_getschedparam``:
+    glibc asks the kernel for the priority, then for the policy) and write it straight back. A
+    thread moved to SCHED_FIFO between those two reads writes back SCHED_FIFO at priority 0,
+    which the kernel refuses, and libzmq aborts the process (``Invalid argument
+    (src/thread.cpp:315)``: 13 of 30 processes that moved their threads right after creating a
+    socket, and 37 aborts in one suite run). A thread that has blocked once is past that.
+    """
+    deadline = time.monotonic() + timeout
+    pending = [t for t in tids if t]
+    while pending and time.monotonic() < deadline:
+        pending = [t for t in pending if not _has_waited(t)]
+        if pending:
+            time.sleep(0.001)
+
+
 def request_fifo(priority: int) -> Scheduling:
     """Move every thread of this process to ``SCHED_FIFO`` at ``priority`` (1-99), new threads
     and children excepted; on refusal change nothing and say why."""
@@ -57,7 +92,9 @@ def request_fifo(priority: int) -> Scheduling:
         return Scheduling("normal", refused="not supported on this system")
     policy = os.SCHED_FIFO | getattr(os, "SCHED_RESET_ON_FORK", 0)
     done: list[tuple[int, int, int]] = []  # (thread, its policy and priority before)
-    for tid in _thread_ids():
+    tids = _thread_ids()
+    _wait_until_started(tids)
+    for tid in tids:
         try:
             before = (tid, os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority)
             os.sched_setscheduler(tid, policy, os.sched_param(priority))
