@@ -124,8 +124,9 @@ class RealtimeSettings:
     """The ``[realtime]`` table: how the audio path's processes (capture, inference, playback)
     are scheduled once set up (:mod:`common.realtime`); the monitor and dashboard never change."""
 
-    # 10, JACK's default: 3-13x fewer underruns measured here (README "Real-time scheduling").
-    priority: int = setting(10, lambda v: None if 0 <= v <= MAX_PRIORITY else
+    # Off by default for now; 10 (JACK's default) measured 3-13x fewer underruns here, and what
+    # keeps it off is in README "Real-time scheduling".
+    priority: int = setting(0, lambda v: None if 0 <= v <= MAX_PRIORITY else
                             f"must be 0 (normal scheduling) or 1..{MAX_PRIORITY} (SCHED_FIFO)")
 
 

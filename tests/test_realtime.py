@@ -106,9 +106,7 @@ def test_the_priority_is_checked():
     cfg = load_pipeline_config(env={}, overrides=["realtime.priority=100"])
     with pytest.raises(PipelineConfigError, match=r"realtime\.priority.*1\.\.99"):
         cfg.settings("realtime", RealtimeSettings)
-    assert load_pipeline_config(env={}).settings("realtime", RealtimeSettings).priority == 10  # JACK's default
-    assert load_pipeline_config(env={}, overrides=["realtime.priority=0"]).settings(
-        "realtime", RealtimeSettings).priority == 0  # normal scheduling, asked for
+    assert load_pipeline_config(env={}).settings("realtime", RealtimeSettings).priority == 0  # off by default
 
 
 # A voice loader started by a thread that runs SCHED_FIFO (argv[1] = 1) or normally (0) reports
@@ -155,7 +153,8 @@ def _policy(pid: int) -> int:
 def test_the_audio_services_run_fifo_and_say_so_the_monitor_does_not(tmp_path):
     if not fifo_permitted():
         pytest.skip("SCHED_FIFO is not permitted to this user here (the refusal is tested below)")
-    with RunningPipeline(tmp_path / "run", ["--source", "tone", "--sink", "null"], private_sets()) as p:  # the default
+    with RunningPipeline(tmp_path / "run", ["--source", "tone", "--sink", "null"],
+                         private_sets("realtime.priority=10")) as p:
         p.wait_streaming(2)
         time.sleep(1.5)  # a heartbeat after set-up from each
         pids = p.pids()
@@ -174,7 +173,7 @@ def test_the_audio_services_run_fifo_and_say_so_the_monitor_does_not(tmp_path):
 @pytest.mark.timeout(120)
 def test_a_service_refused_fifo_warns_once_and_runs_on(tmp_path):
     log = tmp_path / "playback.log"
-    sets = [a for s in endpoint_overrides() for a in ("--set", s)]  # the default priority, 10
+    sets = [a for s in [*endpoint_overrides(), "realtime.priority=10"] for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLVC")}
     with open(log, "w") as err:
         proc = subprocess.Popen([*UNPRIVILEGED, str(LLVC), "playback", *sets], stderr=err, env=env)
