@@ -16,7 +16,7 @@ the first run shows to be the acoustic truth, and its underruns.
     .venv/bin/python scripts/bench_acoustic.py --virtual-mic    # output into the virtual microphone,
                                                                 # recorded from it (llvc_voice)
     .venv/bin/python scripts/bench_acoustic.py --factors 1 --passthrough --rounds 2 \
-        --variant today= --variant low="--set capture.block_ms=2"   # settings side by side, interleaved
+        --variant today= --variant low="--set capture.device_block_ms=2"   # settings side by side, interleaved
 
 A second table says where each setting's passthrough e2e goes (medians over the same chunks):
 the dashboard's parts (``services.lab.breakdown``), with playback's device output split into
@@ -127,7 +127,7 @@ def main() -> int:
     ap.add_argument("--virtual-mic", action="store_true", help="play into --sink virtual-mic and record llvc_voice")
     ap.add_argument("--rounds", type=int, default=1, help="times to run every factor and variant (interleaved)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
-                    help="a named set of extra llvc run arguments, e.g. low='--set capture.block_ms=2'")
+                    help="a named set of extra llvc run arguments, e.g. low='--set capture.device_block_ms=2'")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("extra", nargs="*", help="more llvc run arguments after --")
     args = ap.parse_args()

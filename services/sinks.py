@@ -169,7 +169,7 @@ class DeviceSink:
         self.spec = spec
         self.device = spec.partition(":")[2].strip()
         self.latency = latency
-        self.block_ms = block_ms    # frames per callback, in ms; 0: the host API's choice
+        self.block_ms = block_ms    # audio per callback, in ms; 0: the host API's choice
         self.margin_ms = margin_ms
         self.log = log
         self.recorders: list[WavRecorder] = []
@@ -354,9 +354,8 @@ class VirtualMicSink(DeviceSink):
     (:mod:`services.virtual_mic`), made as the sink opens. The source's own buffering comes
     after the DAC time PortAudio reports, so it is added to every output time (and e2e)."""
 
-    def __init__(self, spec: str, latency: str | float, log: Callable[..., None], block_ms: float = 0.0,
-                 margin_ms: float = DEVICE_MARGIN_MS):
-        super().__init__(spec, latency, log, block_ms, margin_ms)
+    def __init__(self, spec: str, *args: Any):
+        super().__init__(spec, *args)  # DeviceSink's timing arguments, as they are
         self.mic_name = parse_spec(spec)
         self.mic: VirtualMic | None = None
         self.alsa_conf = None
